@@ -1,0 +1,239 @@
+"""The building blocks of a `HookedViT`: LayerNorm, attention, MLP and the transformer block.
+
+Every intermediate activation passes through a `transformer_lens` `HookPoint`, with its shape written
+beside it. Hook names follow TransformerLens wherever one exists.
+
+Two fast paths keep an un-hooked forward as fast as timm's, and each falls back to the explicit
+computation as soon as someone hooks what it would skip:
+- attention uses `torch.nn.functional.scaled_dot_product_attention` unless `hook_attn_scores` or
+  `hook_pattern` has a hook;
+- LayerNorm uses `torch.nn.functional.layer_norm` unless `hook_scale` has a hook.
+The explicit paths compute the same function (tests compare them to 1e-5).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+
+from hooked_vit.config import HookedViTConfig
+
+
+def _hooked(hook_point: HookPoint) -> bool:
+    """Whether a forward hook is attached (cheaper than `HookPoint.has_hooks` on the hot path)."""
+    return bool(hook_point._forward_hooks)
+
+
+class QuickGELU(nn.Module):
+    """CLIP's activation: x * sigmoid(1.702 x)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_activation(act_fn: str) -> nn.Module:
+    table: dict[str, nn.Module] = {
+        "gelu": nn.GELU(),
+        "gelu_tanh": nn.GELU(approximate="tanh"),
+        "quick_gelu": QuickGELU(),
+        "relu": nn.ReLU(),
+        "silu": nn.SiLU(),
+    }
+    if act_fn not in table:
+        raise ValueError(f"unknown act_fn {act_fn!r}; accepted: {', '.join(table)}")
+    return table[act_fn]
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with TransformerLens' hooks: `hook_scale` (the divisor) and `hook_normalized` (the
+    output, after the affine transform). Works on any leading shape."""
+
+    def __init__(self, d: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.w = nn.Parameter(torch.ones(d))
+        self.b = nn.Parameter(torch.zeros(d))
+        self.hook_scale = HookPoint()  # [batch, pos, 1] (or [batch, 1] on a pooled vector)
+        self.hook_normalized = HookPoint()  # [batch, pos, d_model] (or [batch, d_model])
+
+    def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        if not _hooked(self.hook_scale):
+            out = F.layer_norm(x, (x.shape[-1],), self.w, self.b, self.eps)
+            return self.hook_normalized(out)
+        x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized(x / scale * self.w + self.b)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> one d_model vector per patch, row-major."""
+
+    def __init__(self, cfg: HookedViTConfig) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(
+            cfg.in_chans, cfg.d_model, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias
+        )
+
+    def forward(self, pixels: Float[Tensor, "batch chan height width"]) -> Float[Tensor, "batch n_patches d_model"]:
+        return rearrange(self.proj(pixels), "b d gh gw -> b (gh gw) d")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention as in timm (fused qkv projection, optional qk-norm, optional
+    LayerScale folded into the output), with TransformerLens' hooks.
+
+    `hook_q` and `hook_k` see the query and key after qk-norm (the vectors that enter the scores).
+    LayerScale multiplies the output, so `hook_result` and `W_O` / `b_O` include it: the heads'
+    results sum to `hook_attn_out` minus `b_O`.
+    """
+
+    def __init__(self, cfg: HookedViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.n_heads, self.d_head = cfg.n_heads, cfg.d_head
+        self.scale = cfg.d_head**-0.5
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.n_heads * cfg.d_head, bias=cfg.qkv_bias)
+        self.q_norm = nn.LayerNorm(cfg.d_head, eps=cfg.qk_norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.LayerNorm(cfg.d_head, eps=cfg.qk_norm_eps) if cfg.qk_norm else None
+        self.proj = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model, bias=cfg.proj_bias)
+        self.ls_gamma = nn.Parameter(torch.ones(cfg.d_model)) if cfg.layer_scale else None
+
+        self.hook_q = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_k = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_v = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_attn_scores = HookPoint()  # [batch, head, q_pos, k_pos]
+        self.hook_pattern = HookPoint()  # [batch, head, q_pos, k_pos]
+        self.hook_z = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_result = HookPoint()  # [batch, pos, head, d_model] (only when cfg.use_attn_result)
+
+    # ---- TransformerLens-style weight views (read-only views of the fused timm weights)
+    @property
+    def W_Q(self) -> Float[Tensor, "head d_model d_head"]:
+        return self._in_weight(0)
+
+    @property
+    def W_K(self) -> Float[Tensor, "head d_model d_head"]:
+        return self._in_weight(1)
+
+    @property
+    def W_V(self) -> Float[Tensor, "head d_model d_head"]:
+        return self._in_weight(2)
+
+    @property
+    def b_Q(self) -> Float[Tensor, "head d_head"]:
+        return self._in_bias(0)
+
+    @property
+    def b_K(self) -> Float[Tensor, "head d_head"]:
+        return self._in_bias(1)
+
+    @property
+    def b_V(self) -> Float[Tensor, "head d_head"]:
+        return self._in_bias(2)
+
+    @property
+    def W_O(self) -> Float[Tensor, "head d_head d_model"]:
+        """Per-head output weights, LayerScale included."""
+        w = rearrange(self.proj.weight, "m (h d) -> h d m", h=self.n_heads)
+        return w * self.ls_gamma if self.ls_gamma is not None else w
+
+    @property
+    def b_O(self) -> Float[Tensor, "d_model"]:
+        """Output bias, LayerScale included."""
+        b = self.proj.bias if self.proj.bias is not None else self.proj.weight.new_zeros(self.proj.out_features)
+        return b * self.ls_gamma if self.ls_gamma is not None else b
+
+    def _in_weight(self, i: int) -> Tensor:
+        w = self.qkv.weight.view(3, self.n_heads, self.d_head, -1)[i]
+        return rearrange(w, "h d m -> h m d")
+
+    def _in_bias(self, i: int) -> Tensor:
+        if self.qkv.bias is None:
+            return self.qkv.weight.new_zeros(self.n_heads, self.d_head)
+        return self.qkv.bias.view(3, self.n_heads, self.d_head)[i]
+
+    # ---- forward
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, self.d_head).unbind(2)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch, head, pos, d_head]
+        if _hooked(self.hook_attn_scores) or _hooked(self.hook_pattern):
+            scores = self.hook_attn_scores((q * self.scale) @ k.transpose(-2, -1))
+            pattern = self.hook_pattern(scores.softmax(dim=-1))
+            z = pattern @ v
+        else:
+            z = F.scaled_dot_product_attention(q, k, v)
+        z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
+        if self.cfg.use_attn_result:
+            result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
+            return result.sum(dim=2) + self.b_O
+        out = self.proj(z.reshape(b, n, self.n_heads * self.d_head))
+        return out * self.ls_gamma if self.ls_gamma is not None else out
+
+
+class MLP(nn.Module):
+    """fc1 -> activation -> fc2 (LayerScale folded into the output, as in Attention)."""
+
+    def __init__(self, cfg: HookedViTConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+        self.act = make_activation(cfg.act_fn)
+        self.fc2 = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
+        self.ls_gamma = nn.Parameter(torch.ones(cfg.d_model)) if cfg.layer_scale else None
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_post = HookPoint()  # [batch, pos, d_mlp]
+
+    @property
+    def W_in(self) -> Float[Tensor, "d_model d_mlp"]:
+        return self.fc1.weight.T
+
+    @property
+    def b_in(self) -> Float[Tensor, "d_mlp"]:
+        return self.fc1.bias if self.fc1.bias is not None else self.fc1.weight.new_zeros(self.fc1.out_features)
+
+    @property
+    def W_out(self) -> Float[Tensor, "d_mlp d_model"]:
+        """Output weights, LayerScale included."""
+        return self.fc2.weight.T * self.ls_gamma if self.ls_gamma is not None else self.fc2.weight.T
+
+    @property
+    def b_out(self) -> Float[Tensor, "d_model"]:
+        b = self.fc2.bias if self.fc2.bias is not None else self.fc2.weight.new_zeros(self.fc2.out_features)
+        return b * self.ls_gamma if self.ls_gamma is not None else b
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        post = self.hook_post(self.act(self.hook_pre(self.fc1(x))))
+        out = self.fc2(post)
+        return out * self.ls_gamma if self.ls_gamma is not None else out
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: resid_mid = resid_pre + attn(ln1(resid_pre)); resid_post = resid_mid + mlp(ln2(resid_mid))."""
+
+    def __init__(self, cfg: HookedViTConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.ln1 = LayerNorm(cfg.d_model, cfg.eps)
+        self.attn = Attention(cfg)
+        self.ln2 = LayerNorm(cfg.d_model, cfg.eps)
+        self.mlp = MLP(cfg)
+        self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
+        self.hook_attn_out = HookPoint()  # [batch, pos, d_model] (after LayerScale)
+        self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
+        self.hook_mlp_out = HookPoint()  # [batch, pos, d_model] (after LayerScale)
+        self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
+
+    def forward(self, resid_pre: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        resid_pre = self.hook_resid_pre(resid_pre)
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre)))
+        resid_mid = self.hook_resid_mid(resid_pre + attn_out)
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
+        return self.hook_resid_post(resid_mid + mlp_out)

@@ -1,0 +1,381 @@
+"""`HookedViT`: a Vision Transformer as a TransformerLens `HookedRootModule`.
+
+Hook points, in the order a forward pass meets them (shapes at batch b, T tokens, N patches):
+
+    hook_embed                     [batch, n_patches, d_model]  patch embeddings
+    hook_pos_embed                 [batch, pos, d_model]        position embeddings (zeros on prefix
+                                                                tokens when the model has none there)
+    ln_pre.hook_scale/_normalized  [batch, pos, 1] / [batch, pos, d_model]   (CLIP pre-norm only)
+    blocks.{l}.hook_resid_pre      [batch, pos, d_model]
+    blocks.{l}.ln1.hook_scale      [batch, pos, 1]
+    blocks.{l}.ln1.hook_normalized [batch, pos, d_model]
+    blocks.{l}.attn.hook_q/_k/_v   [batch, pos, head, d_head]
+    blocks.{l}.attn.hook_attn_scores  [batch, head, q_pos, k_pos]
+    blocks.{l}.attn.hook_pattern   [batch, head, q_pos, k_pos]
+    blocks.{l}.attn.hook_z         [batch, pos, head, d_head]
+    blocks.{l}.attn.hook_result    [batch, pos, head, d_model]  (cfg.use_attn_result)
+    blocks.{l}.hook_attn_out       [batch, pos, d_model]        (after LayerScale)
+    blocks.{l}.hook_resid_mid      [batch, pos, d_model]
+    blocks.{l}.ln2.hook_scale/_normalized
+    blocks.{l}.mlp.hook_pre/_post  [batch, pos, d_mlp]
+    blocks.{l}.hook_mlp_out        [batch, pos, d_model]        (after LayerScale)
+    blocks.{l}.hook_resid_post     [batch, pos, d_model]
+    ln_final.hook_scale/_normalized  [batch, pos, 1] / [batch, pos, d_model]  (not with fc_norm)
+    hook_pooled                    [batch, d_model]; [batch, 2, d_model] for DeiT distilled
+                                   (class, distillation token): the pooled representation
+    fc_norm.hook_scale/_normalized [batch, 1] / [batch, d_model]  (fc_norm models only)
+
+Token axis: prefix tokens first (class, registers, distillation), then patches row-major.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens.hook_points import HookedRootModule, HookPoint
+
+from hooked_vit.components import LayerNorm, PatchEmbed, TransformerBlock
+from hooked_vit.config import HookedViTConfig
+
+if TYPE_CHECKING:
+    from hooked_vit.cache import ViTActivationCache
+
+
+class HookedViT(HookedRootModule):
+    """A Vision Transformer with a `HookPoint` on every intermediate activation.
+
+    Build it from timm with `HookedViT.from_timm(...)`; it then computes the same function as its
+    timm source (logits to 1e-4 in fp32, every block's output to 1e-5).
+    """
+
+    def __init__(self, cfg: HookedViTConfig, data_config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.data_config: dict[str, Any] = dict(data_config or {})
+        """timm's data config of the source model (input size, mean, std, crop, interpolation)."""
+        d = cfg.d_model
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.n_registers, d)) if cfg.n_registers else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.distilled else None
+        n_pos = cfg.n_patches + (0 if cfg.no_embed_class else cfg.n_prefix_tokens)
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, d)) if cfg.pos_embed else None
+        self.ln_pre = LayerNorm(d, cfg.eps) if cfg.pre_norm else None
+        self.blocks = nn.ModuleList([TransformerBlock(cfg, layer) for layer in range(cfg.n_layers)])
+        self.ln_final = LayerNorm(d, cfg.eps) if cfg.final_norm and not cfg.fc_norm else None
+        self.fc_norm = LayerNorm(d, cfg.eps) if cfg.final_norm and cfg.fc_norm else None
+        self.head = nn.Linear(d, cfg.n_classes) if cfg.n_classes > 0 else None
+        self.head_dist = nn.Linear(d, cfg.n_classes) if cfg.distilled and cfg.n_classes > 0 else None
+
+        self.hook_embed = HookPoint()  # [batch, n_patches, d_model]
+        self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
+        self.hook_pooled = HookPoint()  # [batch, d_model] ([batch, 2, d_model] when distilled)
+        self.setup()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_timm(
+        cls,
+        name_or_model: str | nn.Module,
+        checkpoint_path: str | None = None,
+        pretrained: bool = True,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        **timm_kwargs: Any,
+    ) -> "HookedViT":
+        """Convert a timm ViT: a timm model name, a timm model object (e.g. your own fine-tune), or a
+        name plus `checkpoint_path` (a local timm state dict: .pth, .bin or .safetensors).
+
+        `pretrained=False` gives random weights (no download). Extra keyword arguments go to
+        `timm.create_model` (e.g. `num_classes`, `dynamic_img_size=True`, `qk_norm=True`).
+        """
+        from hooked_vit.loading import hooked_vit_from_timm
+
+        return hooked_vit_from_timm(cls, name_or_model, checkpoint_path, pretrained, device, dtype, **timm_kwargs)
+
+    # ------------------------------------------------------------------ grid helpers
+    def grid_size_for(self, pixels: Tensor | tuple[int, int]) -> tuple[int, int]:
+        """(grid_h, grid_w) for a pixel batch [batch, chan, H, W] or an (H, W) size, after checking
+        that the model accepts that size."""
+        h, w = pixels.shape[-2:] if isinstance(pixels, Tensor) else pixels
+        ph, pw = self.cfg.patch_size
+        if self.cfg.dynamic_img_size:
+            if h % ph or w % pw or h < ph or w < pw:
+                raise ValueError(
+                    f"image size {h}x{w} is not a positive multiple of the patch size {ph}x{pw}; "
+                    f"this model accepts any size divisible by the patch size"
+                )
+        elif (h, w) != self.cfg.img_size:
+            raise ValueError(
+                f"image size {h}x{w} does not match the model's {self.cfg.img_size[0]}x{self.cfg.img_size[1]}; "
+                f"this model has a fixed size (build it with dynamic_img_size=True to accept others), "
+                f"use model.preprocess() to resize"
+            )
+        return (h // ph, w // pw)
+
+    @property
+    def prefix_positions(self) -> dict[str, list[int]]:
+        """Token indices of the prefix tokens by kind: 'class', 'registers', 'distillation'."""
+        out: dict[str, list[int]] = {}
+        i = 0
+        if self.cfg.class_token:
+            out["class"] = [0]
+            i = 1
+        if self.cfg.n_registers:
+            out["registers"] = list(range(i, i + self.cfg.n_registers))
+            i += self.cfg.n_registers
+        if self.cfg.distilled:
+            out["distillation"] = [i]
+        return out
+
+    def patch_positions(self, grid_size: tuple[int, int] | None = None) -> Tensor:
+        """Token indices of the patches, row-major (default: the native grid)."""
+        gh, gw = grid_size or self.cfg.grid_size
+        return torch.arange(self.cfg.n_prefix_tokens, self.cfg.n_prefix_tokens + gh * gw)
+
+    def to_grid(
+        self, x: Float[Tensor, "... n"], grid_size: tuple[int, int] | None = None
+    ) -> Float[Tensor, "... grid_h grid_w"]:
+        """A per-patch or per-token vector on the last axis -> [..., grid_h, grid_w].
+
+        The last axis holds either the patches alone or every token (prefix tokens first, which are
+        dropped). `grid_size` defaults to the native grid, else to the square grid the length fits.
+        """
+        n, p = x.shape[-1], self.cfg.n_prefix_tokens
+        if grid_size is None:
+            if n in (self.cfg.n_patches, p + self.cfg.n_patches):
+                grid_size = self.cfg.grid_size
+            elif _is_square(n) or _is_square(n - p):
+                grid_size = _square_grid(n if _is_square(n) else n - p)
+            else:
+                raise ValueError(f"a last axis of {n} does not form a square grid; pass grid_size=(grid_h, grid_w)")
+        gh, gw = grid_size
+        if n == p + gh * gw and p:
+            x = x[..., p:]
+        elif n != gh * gw:
+            raise ValueError(
+                f"a last axis of {n} fits neither {gh}x{gw} patches nor {p} prefix tokens plus them"
+            )
+        return rearrange(x, "... (gh gw) -> ... gh gw", gh=gh, gw=gw)
+
+    def from_grid(self, x: Float[Tensor, "... grid_h grid_w"]) -> Float[Tensor, "... n_patches"]:
+        """[..., grid_h, grid_w] -> [..., grid_h * grid_w] (row-major, the patches' token order)."""
+        return rearrange(x, "... gh gw -> ... (gh gw)")
+
+    # ------------------------------------------------------------------ forward
+    def embed(self, pixels: Float[Tensor, "batch chan height width"]) -> Float[Tensor, "batch pos d_model"]:
+        """Pixels -> the residual stream entering block 0 (`blocks.0.hook_resid_pre`)."""
+        if not isinstance(pixels, Tensor) or pixels.ndim != 4 or pixels.shape[1] != self.cfg.in_chans:
+            shape = tuple(pixels.shape) if isinstance(pixels, Tensor) else type(pixels).__name__
+            raise ValueError(
+                f"expected pixels of shape [batch, {self.cfg.in_chans}, H, W], got {shape}; "
+                f"use model.preprocess(images) for paths, PIL images or arrays"
+            )
+        grid = self.grid_size_for(pixels)
+        b = pixels.shape[0]
+        x = self.hook_embed(self.patch_embed(pixels))  # [batch, n_patches, d_model]
+        prefix = [t.expand(b, -1, -1) for t in (self.cls_token, self.reg_token, self.dist_token) if t is not None]
+        x = torch.cat([*prefix, x], dim=1) if prefix else x
+        if self.pos_embed is not None:
+            x = x + self.hook_pos_embed(self._pos_embed_for(grid).expand(b, -1, -1))
+        if self.ln_pre is not None:
+            x = self.ln_pre(x)
+        return x
+
+    def _pos_embed_for(self, grid: tuple[int, int]) -> Float[Tensor, "1 pos d_model"]:
+        assert self.pos_embed is not None
+        cfg = self.cfg
+        n_prefix_in_pos = 0 if cfg.no_embed_class else cfg.n_prefix_tokens
+        pos = self.pos_embed
+        if grid != cfg.grid_size:
+            from timm.layers import resample_abs_pos_embed
+
+            pos = resample_abs_pos_embed(pos, new_size=grid, old_size=cfg.grid_size, num_prefix_tokens=n_prefix_in_pos)
+        if cfg.no_embed_class and cfg.n_prefix_tokens:
+            pos = torch.cat([pos.new_zeros(1, cfg.n_prefix_tokens, cfg.d_model), pos], dim=1)
+        return pos
+
+    def head_forward(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch n_classes"]:
+        """The residual stream after the last block -> logits (final norm, pooling, head)."""
+        x = self.ln_final(resid) if self.ln_final is not None else resid
+        pooled = self.hook_pooled(self.pool(x))
+        if self.fc_norm is not None:
+            pooled = self.fc_norm(pooled)
+        if self.head is None:
+            return pooled
+        if self.head_dist is not None:
+            return (self.head(pooled[:, 0]) + self.head_dist(pooled[:, 1])) / 2
+        return self.head(pooled)
+
+    def pool(self, x: Float[Tensor, "batch pos d_model"]) -> Tensor:
+        """timm's pooling: the class token (and distillation token), or avg/max/avgmax over tokens."""
+        cfg = self.cfg
+        if cfg.distilled:
+            return x[:, [0, cfg.n_prefix_tokens - 1]]
+        if cfg.pooling == "token":
+            return x[:, 0]
+        x = x if cfg.pool_include_prefix else x[:, cfg.n_prefix_tokens :]
+        if cfg.pooling == "avg":
+            return x.mean(dim=1)
+        if cfg.pooling == "max":
+            return x.amax(dim=1)
+        return 0.5 * (x.amax(dim=1) + x.mean(dim=1))
+
+    def forward(
+        self,
+        input: Tensor,
+        start_at_layer: int | None = None,
+        stop_at_layer: int | None = None,
+    ) -> Tensor:
+        """Run the model, in the manner of TransformerLens.
+
+        Args:
+            input: pixels [batch, chan, H, W]; or, with `start_at_layer=l`, the residual stream
+                entering block l ([batch, pos, d_model], `blocks.{l}.hook_resid_pre`).
+            start_at_layer: first block to run (negative counts from the end).
+            stop_at_layer: stop before this block and return the residual stream entering it
+                (`stop_at_layer=n_layers` returns the last block's output, before the final norm).
+
+        Returns:
+            logits [batch, n_classes], or the residual stream [batch, pos, d_model] when
+            `stop_at_layer` is given.
+        """
+        n = self.cfg.n_layers
+        start = 0 if start_at_layer is None else self._layer_index(start_at_layer, "start_at_layer")
+        stop = n if stop_at_layer is None else self._layer_index(stop_at_layer, "stop_at_layer", allow_end=True)
+        if start_at_layer is None:
+            resid = self.embed(input)
+        else:
+            if not isinstance(input, Tensor) or input.ndim != 3 or input.shape[-1] != self.cfg.d_model:
+                shape = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
+                raise ValueError(
+                    f"with start_at_layer, input must be the residual stream [batch, pos, {self.cfg.d_model}], got {shape}"
+                )
+            resid = input
+        for block in self.blocks[start:stop]:
+            resid = block(resid)
+        if stop_at_layer is not None:
+            return resid
+        return self.head_forward(resid)
+
+    def _layer_index(self, layer: int, name: str, allow_end: bool = False) -> int:
+        n = self.cfg.n_layers
+        hi = n if allow_end else n - 1
+        if not isinstance(layer, int) or not -n <= layer <= hi:
+            raise ValueError(f"{name}={layer!r} is out of range: this model has {n} layers, accepted {-n}..{hi}")
+        return layer % n if layer < 0 else layer
+
+    # ------------------------------------------------------------------ TransformerLens niceties
+    def check_hooks_to_add(self, hook_point, hook_point_name, hook, dir="fwd", is_permanent=False, prepend=False):
+        if hook_point_name.endswith("attn.hook_result") and not self.cfg.use_attn_result:
+            raise ValueError(
+                f"{hook_point_name} only fires with per-head results: call model.set_use_attn_result(True) first"
+            )
+
+    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:  # type: ignore[override]
+        if isinstance(name, str) and name not in self.hook_dict:
+            raise ValueError(_unknown_hook_message(name, self.hook_dict))
+        super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
+    def _enable_hook_with_name(self, name: str, hook, dir) -> None:  # used by hooks() / run_with_hooks
+        if name not in self.hook_dict:
+            raise ValueError(_unknown_hook_message(name, self.hook_dict))
+        super()._enable_hook_with_name(name, hook, dir)
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Compute per-head outputs (`blocks.{l}.attn.hook_result`); slower, so off by default."""
+        self.cfg.use_attn_result = use_attn_result
+
+    def run_with_cache(self, *model_args: Any, return_cache_object: bool = True, **kwargs: Any):  # type: ignore[override]
+        """Run and cache activations; returns (output, `ViTActivationCache`), as TransformerLens does."""
+        out, cache_dict = super().run_with_cache(*model_args, **kwargs)
+        if not return_cache_object:
+            return out, cache_dict
+        from hooked_vit.cache import ViTActivationCache
+
+        return out, ViTActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+
+    # ------------------------------------------------------------------ weights, TransformerLens names
+    @property
+    def W_U(self) -> Float[Tensor, "d_model n_classes"]:
+        """Unembedding (the classifier); for a distilled model, the average of its two heads
+        (exact for the logits when the class and distillation token carry the same vector)."""
+        if self.head is None:
+            raise ValueError("this model has no classification head (n_classes=0)")
+        w = self.head.weight.T
+        return (w + self.head_dist.weight.T) / 2 if self.head_dist is not None else w
+
+    @property
+    def b_U(self) -> Float[Tensor, "n_classes"]:
+        if self.head is None:
+            raise ValueError("this model has no classification head (n_classes=0)")
+        return (self.head.bias + self.head_dist.bias) / 2 if self.head_dist is not None else self.head.bias
+
+    @property
+    def W_E(self) -> Float[Tensor, "chan_patch d_model"]:
+        """Patch embedding as a matrix from the flattened patch (chan, ph, pw) to d_model."""
+        return rearrange(self.patch_embed.proj.weight, "d c ph pw -> (c ph pw) d")
+
+    @property
+    def W_pos(self) -> Float[Tensor, "pos d_model"]:
+        if self.pos_embed is None:
+            raise ValueError("this model has no position embeddings")
+        return self._pos_embed_for(self.cfg.grid_size)[0]
+
+    def class_to_residual_directions(self, classes: int | Sequence[int] | Tensor) -> Tensor:
+        """The unembedding column of each class: [d_model] or [n, d_model] (TransformerLens'
+        `tokens_to_residual_directions` for classes)."""
+        idx = torch.as_tensor(classes, device=self.W_U.device)
+        self._check_classes(idx)
+        return self.W_U[:, idx].T if idx.ndim else self.W_U[:, idx]
+
+    def _check_classes(self, idx: Tensor) -> None:
+        n = self.cfg.n_classes
+        if idx.numel() and (idx.min() < 0 or idx.max() >= n):
+            raise ValueError(f"class index out of range: accepted 0..{n - 1}, got {idx.tolist()}")
+
+    # ------------------------------------------------------------------ images
+    def preprocess(self, images: Any) -> Float[Tensor, "batch chan height width"]:
+        """Paths, PIL images, uint8/float arrays (greyscale, RGB, RGBA) or a list of them ->
+        pixels [batch, 3, H, W], with the source model's own timm data config."""
+        from hooked_vit.preprocess import preprocess
+
+        return preprocess(images, self.data_config or _default_data_config(self.cfg)).to(self._param_device())
+
+    def _param_device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def device(self) -> torch.device:
+        return self._param_device()
+
+
+def _unknown_hook_message(name: str, hook_dict: dict[str, HookPoint]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(hook_dict), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"unknown hook name {name!r}{hint} (model.hook_dict lists all {len(hook_dict)} hook names)"
+
+
+def _is_square(n: int) -> bool:
+    r = int(round(max(n, 0) ** 0.5))
+    return n > 0 and r * r == n
+
+
+def _square_grid(n: int) -> tuple[int, int]:
+    r = int(round(n**0.5))
+    return (r, r)
+
+
+def _default_data_config(cfg: HookedViTConfig) -> dict[str, Any]:
+    """timm's defaults, for a model built by hand (no timm source to read a data config off)."""
+    from timm.data import resolve_data_config
+
+    return resolve_data_config({"input_size": (cfg.in_chans, *cfg.img_size)})
