@@ -1,0 +1,70 @@
+"""The call shape every attribution method shares, in the manner of Captum.
+
+    method = SomeMethod(model, **settings)
+    maps = method.attribute(pixels, target=None)     # [batch, h, w]
+
+`target=None` means each image's predicted class; an int means that class for every image; a
+sequence or tensor gives one class per image. Maps are on the patch grid ([batch, grid_h, grid_w])
+for token-level methods or at pixel resolution ([batch, H, W]) for pixel-level ones; metrics accept
+either. Higher means more evidence for the target.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from hooked_vit import HookedViT
+
+Target = int | Sequence[int] | Tensor | None
+
+
+def resolve_targets(
+    model: HookedViT, pixels: Float[Tensor, "batch chan H W"], target: Target, logits: Tensor | None = None
+) -> Int[Tensor, " batch"]:
+    """One class index per image: the predicted class where `target` is None."""
+    b = pixels.shape[0]
+    if target is None:
+        if logits is None:
+            with torch.no_grad():
+                logits = model(pixels)
+        return logits.argmax(dim=-1)
+    t = torch.as_tensor(target, device=pixels.device, dtype=torch.long)
+    if t.ndim == 0:
+        t = t.expand(b)
+    if t.ndim != 1 or t.shape[0] != b:
+        raise ValueError(f"target must be None, an int, or one class per image ({b}); got shape {tuple(t.shape)}")
+    n = model.cfg.n_classes
+    if (t < 0).any() or (t >= n).any():
+        raise ValueError(f"target class out of range: accepted 0..{n - 1}, got {t.tolist()}")
+    return t.clone()
+
+
+class AttributionMethod(ABC):
+    """Base class: subclasses set `name` and implement `_attribute` for resolved targets."""
+
+    name: str = "method"
+    #: "patch" if maps come on the patch grid, "pixel" if at image resolution
+    resolution: str = "patch"
+
+    def __init__(self, model: HookedViT) -> None:
+        self.model = model
+
+    def attribute(self, pixels: Float[Tensor, "batch chan H W"], target: Target = None) -> Float[Tensor, "batch h w"]:
+        if not isinstance(pixels, Tensor) or pixels.ndim != 4:
+            shape = tuple(pixels.shape) if isinstance(pixels, Tensor) else type(pixels).__name__
+            raise ValueError(f"pixels must be a tensor [batch, chan, H, W], got {shape}; use model.preprocess()")
+        self.model.grid_size_for(pixels)  # checks the image size
+        targets = resolve_targets(self.model, pixels, target)
+        return self._attribute(pixels, targets)
+
+    @abstractmethod
+    def _attribute(self, pixels: Float[Tensor, "batch chan H W"], targets: Int[Tensor, " batch"]) -> Tensor:
+        ...
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

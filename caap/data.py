@@ -1,0 +1,171 @@
+"""Evaluation data: manifest folders (images, labels, splits, boxes), class names, and box masks
+carried into the model's input frame.
+
+A manifest folder holds `manifest.csv` (columns `filename`, `class_index`, optionally `split`) and,
+for localisation, `boxes.csv` (`filename`, `x0`, `y0`, `x1`, `y1` in the image file's own pixels).
+`../shared/data/imagenet_val1300_boxes` is one. Data is read in place, never copied.
+
+Where the shared folder lives: the environment variable `CAAP_SHARED_DIR`, else `../shared` beside the
+repository checkout.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Bool
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+SHARED_ENV = "CAAP_SHARED_DIR"
+VAL_BOXES = "imagenet_val1300_boxes"
+SAMPLE_1K = "imagenet_sample_1k"
+DEFAULT_MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+
+
+def shared_dir() -> Path | None:
+    """The shared resources folder (models/ and data/), or None where it is absent."""
+    env = os.environ.get(SHARED_ENV)
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[2] / "shared")
+    for c in candidates:
+        if (c / "data").is_dir() or (c / "models").is_dir():
+            return c
+    return None
+
+
+def shared_data_dir(name: str = VAL_BOXES) -> Path | None:
+    root = shared_dir()
+    path = root / "data" / name if root else None
+    return path if path is not None and path.is_dir() else None
+
+
+def shared_checkpoint(model_name: str = DEFAULT_MODEL) -> Path | None:
+    root = shared_dir()
+    path = root / "models" / f"{model_name}.pth" if root else None
+    return path if path is not None and path.is_file() else None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a manifest folder; `boxes` in the image file's pixels (x0, y0, x1, y1)."""
+
+    path: Path
+    class_index: int
+    split: str | None = None
+    boxes: tuple[tuple[float, float, float, float], ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def load_manifest(folder: str | os.PathLike, split: str | None = None, limit: int | None = None) -> list[Sample]:
+    """The samples of a manifest folder, optionally one split and the first `limit` of them."""
+    folder = Path(folder)
+    manifest = folder / "manifest.csv"
+    if not manifest.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no manifest.csv; a data folder needs manifest.csv with columns filename, class_index[, split]"
+        )
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and not {"filename", "class_index"} <= set(rows[0]):
+        raise ValueError(f"{manifest} must have columns filename and class_index; it has {sorted(rows[0])}")
+    if split is not None:
+        splits = sorted({r.get("split") or "" for r in rows})
+        if split not in splits:
+            raise ValueError(f"split {split!r} is not in {manifest}; it has {', '.join(s for s in splits if s) or 'none'}")
+        rows = [r for r in rows if r.get("split") == split]
+    if limit is not None:
+        rows = rows[:limit]
+    boxes = _load_boxes(folder)
+    return [
+        Sample(
+            path=folder / r["filename"],
+            class_index=int(r["class_index"]),
+            split=r.get("split") or None,
+            boxes=tuple(boxes.get(r["filename"], ())),
+        )
+        for r in rows
+    ]
+
+
+def _load_boxes(folder: Path) -> dict[str, list[tuple[float, float, float, float]]]:
+    path = folder / "boxes.csv"
+    out: dict[str, list[tuple[float, float, float, float]]] = {}
+    if not path.is_file():
+        return out
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            out.setdefault(r["filename"], []).append((float(r["x0"]), float(r["y0"]), float(r["x1"]), float(r["y1"])))
+    return out
+
+
+@lru_cache(maxsize=1)
+def class_names() -> list[str]:
+    """ImageNet-1k class names (from the shared labels where present, else "class <i>")."""
+    root = shared_dir()
+    path = root / "data" / "imagenet_labels" / "imagenet_class_index.json" if root else None
+    if path is not None and path.is_file():
+        index = json.loads(path.read_text())
+        return [index[str(i)][1].replace("_", " ") for i in range(len(index))]
+    try:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return [info.index_to_description(i) for i in range(1000)]
+    except Exception:  # pragma: no cover - depends on timm's bundled metadata
+        return [f"class {i}" for i in range(1000)]
+
+
+def class_name(index: int) -> str:
+    names = class_names()
+    return names[index] if 0 <= index < len(names) else f"class {index}"
+
+
+def box_mask(
+    boxes: Any, image_size: tuple[int, int], data_config: dict[str, Any]
+) -> Bool[Tensor, "H W"]:
+    """The union of `boxes` (x0, y0, x1, y1 in the original image's pixels; `image_size` = (width,
+    height)) as a mask in the model's input frame: the same resize and crop that
+    `model.preprocess` applies to the image, so mask pixel (i, j) lies under pixel (i, j) of the input."""
+    canvas = Image.new("L", tuple(int(s) for s in image_size), 0)
+    draw = ImageDraw.Draw(canvas)
+    for x0, y0, x1, y1 in boxes:
+        draw.rectangle([x0, y0, x1, y1], fill=255)
+    return torch.from_numpy(np.asarray(geometric_transform(canvas, data_config)) > 127)
+
+
+def geometric_transform(image: Image.Image, data_config: dict[str, Any]) -> Image.Image:
+    """Only the resize and crop steps of timm's eval transform, with nearest-neighbour resampling."""
+    from torchvision.transforms import CenterCrop, InterpolationMode, Resize
+
+    from hooked_vit.preprocess import make_transform
+
+    out = image
+    for t in make_transform(data_config).transforms:
+        if isinstance(t, Resize):
+            out = Resize(t.size, interpolation=InterpolationMode.NEAREST, max_size=t.max_size)(out)
+        elif isinstance(t, CenterCrop):
+            out = t(out)
+        elif type(t).__name__ in ("MaybeToTensor", "ToTensor", "Normalize", "MaybePILToTensor"):
+            continue
+        else:
+            raise ValueError(f"cannot carry boxes through the transform step {t!r}")
+    return out
+
+
+def sample_mask(sample: Sample, data_config: dict[str, Any]) -> Bool[Tensor, "H W"]:
+    """A sample's box union in the model's input frame."""
+    with Image.open(sample.path) as im:
+        size = im.size
+    return box_mask(sample.boxes, size, data_config)
