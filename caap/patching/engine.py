@@ -1,0 +1,318 @@
+"""The batched activation-patching engine.
+
+One batch row = one intervention: a set of writes (hook point, position, head) whose values come from
+a source run, applied to a run in a target context. The engine
+
+1. caches the source activations it needs (one forward with a names filter),
+2. computes the target's residual stream at the earliest patched layer once,
+3. packs the rows into batches; each batch starts at that layer (`start_at_layer`) from the target's
+   residual stream, with ONE hook per patched hook point that writes the source values into its rows
+   by advanced indexing (no Python loop over rows),
+4. reads a score per row with a user metric and keeps it on the device until the end.
+
+It needs only what TransformerLens' `HookedRootModule` models share: `run_with_cache`, `hooks()` and
+`forward(input, start_at_layer=..., stop_at_layer=...)`, so it runs unchanged on `HookedViT` and on
+`transformer_lens.HookedTransformer`.
+
+Axes of hooked activations (TransformerLens conventions): [batch, pos, ...] for the residual stream,
+attention/MLP outputs and MLP neurons; [batch, pos, head, d] for q, k, v, z and result;
+[batch, head, q_pos, k_pos] for the attention scores and pattern (a write's position is the query).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+Metric = Callable[[Tensor, Tensor], Tensor]
+"""metric(output, pair) -> score per row: `output` is the model's output for a batch of rows
+(logits), `pair` the index of each row's (source, target) pair, e.g. to look up its class."""
+
+
+@dataclass(frozen=True)
+class Write:
+    """Overwrite one activation with the source's value: hook point `hook`, token `pos` (the query
+    position for attention patterns; None = every position) and `head` (None = every head, or the
+    hook has no head axis)."""
+
+    hook: str
+    pos: int | None = None
+    head: int | None = None
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One batch row: its writes, and which source run and which target context it uses."""
+
+    writes: tuple[Write, ...]
+    source: int = 0
+    target: int = 0
+
+    @staticmethod
+    def single(hook: str, pos: int | None = None, head: int | None = None, source: int = 0, target: int = 0):
+        return Intervention((Write(hook, pos, head),), source, target)
+
+
+# ---------------------------------------------------------------------------------------- hook axes
+_HEAD_LAST = re.compile(r"hook_(q|k|v|z|result|q_input|k_input|v_input)$")
+_PATTERN = re.compile(r"hook_(pattern|attn_scores)$")
+_LAYER = re.compile(r"^blocks\.(\d+)\.")
+
+
+def hook_axes(hook: str) -> tuple[int | None, int | None]:
+    """(position axis, head axis) of a hook point's activation, TransformerLens conventions."""
+    if _HEAD_LAST.search(hook):
+        return 1, 2
+    if _PATTERN.search(hook):
+        return 2, 1
+    return 1, None
+
+
+def hook_layer(hook: str) -> int | None:
+    """The block a hook point belongs to; None for hooks before the first block (embeddings)."""
+    m = _LAYER.match(hook)
+    if m:
+        return int(m.group(1))
+    if hook.startswith(("hook_embed", "hook_pos_embed", "hook_tokens", "ln_pre.")):
+        return None
+    return -1  # after the last block (ln_final, pooling, unembedding)
+
+
+def start_layer_for(hooks: Iterable[str], n_layers: int) -> int | None:
+    """The earliest block a run must start at so that every hook point in `hooks` is run."""
+    layers = [hook_layer(h) for h in hooks]
+    if any(layer is None for layer in layers):
+        return None
+    layers = [n_layers - 1 if layer == -1 else layer for layer in layers]
+    return min(layers) if layers else n_layers - 1
+
+
+# ---------------------------------------------------------------------------------------- contexts
+class Context(Protocol):
+    """Where the rows run: the residual stream entering a given block, one per target."""
+
+    n: int
+
+    def resid_pre(self, layer: int) -> Float[Tensor, "n pos d_model"]: ...
+
+
+class InputContext:
+    """A target given as model inputs (pixels or tokens): its residual stream at any layer comes
+    from one forward pass up to that layer (cached)."""
+
+    def __init__(self, model: Any, inputs: Tensor) -> None:
+        self.model, self.inputs, self.n = model, inputs, inputs.shape[0]
+        self._resid: dict[int, Tensor] = {}
+
+    @torch.inference_mode()
+    def resid_pre(self, layer: int) -> Tensor:
+        if layer not in self._resid:
+            self._resid[layer] = self.model(self.inputs, stop_at_layer=layer)
+        return self._resid[layer]
+
+
+class ResidContext:
+    """A target given directly as residual streams, one tensor [n, pos, d_model] per layer (e.g. mean
+    activations), or a function of the layer."""
+
+    def __init__(self, resid_pre: Callable[[int], Tensor] | dict[int, Tensor], n: int | None = None) -> None:
+        self._fn = resid_pre.__getitem__ if isinstance(resid_pre, dict) else resid_pre
+        self.n = n if n is not None else next(iter(resid_pre.values())).shape[0] if isinstance(resid_pre, dict) else 1
+
+    def resid_pre(self, layer: int) -> Tensor:
+        return self._fn(layer)
+
+
+def as_context(model: Any, target: Tensor | Context) -> Context:
+    return InputContext(model, target) if isinstance(target, Tensor) else target
+
+
+# ---------------------------------------------------------------------------------------- compiling
+@dataclass
+class _HookWrites:
+    """All writes into one hook point, as aligned index tensors sorted by row."""
+
+    row: Tensor
+    pos: Tensor
+    head: Tensor | None
+    source: Tensor
+    pos_axis: int
+    head_axis: int | None
+
+
+def compile_interventions(
+    interventions: Sequence[Intervention], source_cache: dict[str, Tensor], device: torch.device
+) -> dict[str, _HookWrites]:
+    """Expand every write into explicit (row, pos, head, source) indices, grouped by hook point."""
+    table: dict[str, list[tuple[int, int, int, int]]] = defaultdict(list)
+    for row, iv in enumerate(interventions):
+        for w in iv.writes:
+            if w.hook not in source_cache:
+                raise KeyError(f"no source activation for hook {w.hook!r}")
+            act = source_cache[w.hook]
+            pos_axis, head_axis = hook_axes(w.hook)
+            if not 0 <= iv.source < act.shape[0]:
+                raise IndexError(f"intervention {row} uses source {iv.source}; there are {act.shape[0]} sources")
+            n_pos = act.shape[pos_axis] if act.ndim > pos_axis else 1
+            n_head = act.shape[head_axis] if head_axis is not None else 1
+            positions = range(n_pos) if w.pos is None else [_check_index(w.pos, n_pos, "position", w.hook)]
+            if head_axis is None and w.head is not None:
+                raise ValueError(f"hook {w.hook!r} has no head axis; got head={w.head}")
+            heads = range(n_head) if w.head is None else [_check_index(w.head, n_head, "head", w.hook)]
+            table[w.hook].extend((row, p, h, iv.source) for p in positions for h in heads)
+    out = {}
+    for hook, entries in table.items():
+        idx = torch.tensor(entries, dtype=torch.long, device=device)
+        idx = idx[torch.argsort(idx[:, 0], stable=True)]
+        pos_axis, head_axis = hook_axes(hook)
+        cols = [c.contiguous() for c in idx.unbind(1)]
+        out[hook] = _HookWrites(cols[0], cols[1], cols[2] if head_axis else None, cols[3], pos_axis, head_axis)
+    return out
+
+
+def _check_index(i: int, n: int, what: str, hook: str) -> int:
+    if not -n <= i < n:
+        raise IndexError(f"{what} {i} is out of range for {hook!r}: accepted {-n}..{n - 1}")
+    return i % n
+
+
+def _write_hook(writes: _HookWrites, source_act: Tensor, r0: int, r1: int) -> Callable | None:
+    """A hook that writes the source values into rows [r0, r1) of this batch, or None if it has none."""
+    lo, hi = torch.searchsorted(writes.row, torch.tensor([r0, r1], device=writes.row.device)).tolist()
+    if lo == hi:
+        return None
+    rows = writes.row[lo:hi] - r0
+    src = writes.source[lo:hi]
+    pos = writes.pos[lo:hi]
+    dst_idx: list[Tensor] = [rows]
+    src_idx: list[Tensor] = [src]
+    if writes.head is not None:
+        head = writes.head[lo:hi]
+        rest = (head, pos) if writes.head_axis == 1 else (pos, head)
+    else:
+        rest = (pos,)
+    dst_idx.extend(rest)
+    src_idx.extend(rest)
+    values = source_act[tuple(src_idx)]
+
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        act[tuple(dst_idx)] = values.to(act.dtype)
+        return act
+
+    return hook
+
+
+# ---------------------------------------------------------------------------------------- running
+def batched_runs(
+    model: Any,
+    n_rows: int,
+    batch_size: int,
+    start_layer: int | None,
+    make_input: Callable[[int, int], Tensor],
+    make_hooks: Callable[[int, int], list[tuple[str, Callable]]],
+    readout: Callable[[Tensor, int, int], Tensor],
+    stop_at_layer: int | None = None,
+    progress: bool | str = False,
+) -> Tensor:
+    """The engine's core loop: rows [r0, r1) at a time, from `start_layer` (None: from the inputs),
+    with that batch's hooks; `readout(output, r0, r1)` gives the rows' scores. Returns them
+    concatenated (on the model's device). Hooks are removed even if a hook raises."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    starts = range(0, n_rows, batch_size)
+    desc = progress if isinstance(progress, str) else "patching"
+    bar = tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, leave=False)
+    outs = []
+    kwargs = {} if stop_at_layer is None else {"stop_at_layer": stop_at_layer}
+    with torch.inference_mode():
+        for r0 in bar:
+            r1 = min(r0 + batch_size, n_rows)
+            x = make_input(r0, r1)
+            with model.hooks(fwd_hooks=make_hooks(r0, r1)):
+                out = model(x, start_at_layer=start_layer, **kwargs) if start_layer is not None else model(x, **kwargs)
+            outs.append(readout(out, r0, r1))
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def cache_sources(model: Any, sources: Tensor | dict[str, Tensor], hooks: Iterable[str]) -> dict[str, Tensor]:
+    """The source activations at `hooks`: from one forward pass of the source inputs, or checked in a
+    ready cache."""
+    hooks = sorted(set(hooks))
+    if isinstance(sources, dict) or hasattr(sources, "cache_dict"):
+        cache = getattr(sources, "cache_dict", sources)
+        missing = [h for h in hooks if h not in cache]
+        if missing:
+            raise KeyError(f"the source cache lacks {missing[:5]}")
+        return {h: cache[h] for h in hooks}
+    unknown = [h for h in hooks if h not in model.hook_dict]
+    if unknown:
+        raise ValueError(f"unknown hook name(s) {unknown[:5]} (model.hook_dict lists the hook names)")
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(sources, names_filter=hooks)
+    return {h: cache[h] for h in hooks}
+
+
+def run_interventions(
+    model: Any,
+    interventions: Sequence[Intervention],
+    sources: Tensor | dict[str, Tensor],
+    target: Tensor | Context,
+    metric: Metric,
+    batch_size: int = 64,
+    pairs: Int[Tensor, " n"] | None = None,
+    progress: bool | str = False,
+) -> Tensor:
+    """Run every intervention (one batch row each) and return the metric per row, [n, ...].
+
+    Args:
+        model: a HookedViT or a transformer_lens HookedTransformer (anything with `hooks()`,
+            `run_with_cache` and `forward(x, start_at_layer=..., stop_at_layer=...)`).
+        interventions: the rows.
+        sources: source inputs [n_sources, ...] (pixels / tokens) or a ready cache {hook: activation}.
+        target: target inputs [n_targets, ...], or a `Context` giving residual streams.
+        metric: `metric(output, pair) -> [rows, ...]`; `pair` is each row's entry of `pairs`
+            (default: the row's target index).
+        batch_size: rows per forward pass.
+    """
+    if not interventions:
+        raise ValueError("no interventions given")
+    hooks = {w.hook for iv in interventions for w in iv.writes}
+    context = as_context(model, target)
+    start = start_layer_for(hooks, model.cfg.n_layers)
+    if start is None and not isinstance(context, InputContext):
+        raise ValueError("writes before the first block need the target as model inputs, not a residual context")
+    source_cache = cache_sources(model, sources, hooks) if hooks else {}
+    device = next(model.parameters()).device
+    writes = compile_interventions(interventions, source_cache, device)
+    targets = torch.tensor([iv.target for iv in interventions], device=device)
+    if int(targets.max()) >= context.n or int(targets.min()) < 0:
+        raise IndexError(f"interventions use targets up to {int(targets.max())}; there are {context.n}")
+    pair = targets if pairs is None else torch.as_tensor(pairs, device=device)
+    base = context.inputs if start is None else context.resid_pre(start)  # type: ignore[attr-defined]
+
+    def make_hooks(r0: int, r1: int) -> list[tuple[str, Callable]]:
+        out = []
+        for hook, w in writes.items():
+            fn = _write_hook(w, source_cache[hook], r0, r1)
+            if fn is not None:
+                out.append((hook, fn))
+        return out
+
+    return batched_runs(
+        model,
+        len(interventions),
+        batch_size,
+        start,
+        make_input=lambda r0, r1: base[targets[r0:r1]],
+        make_hooks=make_hooks,
+        readout=lambda out, r0, r1: metric(out, pair[r0:r1]),
+        progress=progress,
+    )

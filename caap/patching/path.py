@@ -1,0 +1,192 @@
+"""Exact path patching (Wang et al. 2022, "Interpretability in the Wild"; Goldowsky-Dill et al. 2023).
+
+The effect of sender heads on receivers, and through nothing else, in two passes:
+
+1. Run the target with each sender head's output (`hook_z`) taken from the source and every other
+   head's output frozen to its target value (MLPs recompute, as in Wang et al.; `freeze_mlps=True`
+   freezes them too). Record the receivers' inputs: receiver heads' q, k or v (or the logits, when
+   the receiver is the logits, which ends the procedure here).
+2. Run the target with only the receivers' inputs replaced by the recorded ones; read the metric.
+
+Both passes are batched over senders (one row per (pair, sender)), start at the earliest layer that
+can change, and use the engine's core loop.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from caap.patching.engine import InputContext, Metric, batched_runs, cache_sources
+
+Head = tuple[int, int]
+
+
+def path_patch(
+    model: Any,
+    sources: Tensor,
+    targets: Tensor,
+    metric: Metric,
+    senders: Sequence[Head] | None = None,
+    receivers: Sequence[Head] | Literal["logits"] = "logits",
+    receiver_input: str | Sequence[str] = "q",
+    freeze_mlps: bool = False,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> Tensor:
+    """Path-patching effect of each sender head on the receivers.
+
+    Args:
+        sources, targets: inputs [n_pairs, ...] (pair i = source i into target i).
+        metric: `metric(output, pair) -> [rows]`.
+        senders: (layer, head) pairs; default every head.
+        receivers: (layer, head) pairs whose `receiver_input` ("q", "k", "v", or several) takes the
+            senders' effect, or "logits" for the direct path to the output.
+        freeze_mlps: freeze MLP outputs in pass 1 as well as heads.
+
+    Returns:
+        [n_pairs, n_senders]: the metric after patching each sender's path.
+    """
+    cfg = model.cfg
+    if sources.shape[0] != targets.shape[0]:
+        raise ValueError(f"{sources.shape[0]} sources and {targets.shape[0]} targets: give one source per target")
+    senders = [(layer, head) for layer in range(cfg.n_layers) for head in range(cfg.n_heads)] if senders is None else list(senders)
+    if not senders:
+        raise ValueError("no sender heads given")
+    for layer, head in senders:
+        _check_head(cfg, layer, head)
+    kinds = [receiver_input] if isinstance(receiver_input, str) else list(receiver_input)
+    if any(k not in ("q", "k", "v") for k in kinds):
+        raise ValueError(f"receiver_input must be 'q', 'k', 'v' or a list of them; got {receiver_input!r}")
+    to_logits = isinstance(receivers, str)
+    if to_logits and receivers != "logits":
+        raise ValueError(f"receivers must be (layer, head) pairs or 'logits'; got {receivers!r}")
+    if not to_logits:
+        receivers = list(receivers)
+        if not receivers:
+            raise ValueError("no receiver heads given")
+        for layer, head in receivers:
+            _check_head(cfg, layer, head)
+
+    n_pairs, n_send = sources.shape[0], len(senders)
+    n_rows = n_pairs * n_send
+    row_pair = torch.arange(n_rows, device=sources.device) // n_send
+    row_sender = torch.arange(n_rows, device=sources.device) % n_send
+    first = min(layer for layer, _ in senders)
+    last = cfg.n_layers - 1 if to_logits else max(layer for layer, _ in receivers)  # type: ignore[union-attr]
+    z_hooks = [f"blocks.{layer}.attn.hook_z" for layer in range(first, last + 1)]
+    mlp_hooks = [f"blocks.{layer}.hook_mlp_out" for layer in range(first, last + 1)] if freeze_mlps else []
+    src = cache_sources(model, sources, z_hooks)
+    tgt = cache_sources(model, targets, z_hooks + mlp_hooks)
+    context = InputContext(model, targets)
+    resid_first = context.resid_pre(first)
+
+    sender_layer = torch.tensor([layer for layer, _ in senders], device=sources.device)[row_sender]
+    sender_head = torch.tensor([head for _, head in senders], device=sources.device)[row_sender]
+
+    def freeze_hooks(r0: int, r1: int) -> list[tuple[str, Callable]]:
+        pair = row_pair[r0:r1]
+        hooks: list[tuple[str, Callable]] = []
+        for layer in range(first, last + 1):
+            name = f"blocks.{layer}.attn.hook_z"
+            rows = (sender_layer[r0:r1] == layer).nonzero().flatten()
+            hooks.append((name, _freeze_z(tgt[name], src[name], pair, rows, sender_head[r0:r1][rows])))
+        for name in mlp_hooks:
+            hooks.append((name, _replace(tgt[name], pair)))
+        return hooks
+
+    if to_logits:
+        return batched_runs(
+            model, n_rows, batch_size, first,
+            make_input=lambda r0, r1: resid_first[row_pair[r0:r1]],
+            make_hooks=freeze_hooks,
+            readout=lambda out, r0, r1: metric(out, row_pair[r0:r1]),
+            progress="path patching" if progress else False,
+        ).view(n_pairs, n_send)
+
+    # pass 1: record the receivers' inputs
+    by_layer: dict[int, list[int]] = defaultdict(list)
+    for layer, head in receivers:  # type: ignore[union-attr]
+        by_layer[layer].append(head)
+    recv_hooks = [(f"blocks.{layer}.attn.hook_{k}", heads) for layer, heads in sorted(by_layer.items()) for k in kinds]
+    captured: dict[str, Tensor] = {}
+
+    def pass1_hooks(r0: int, r1: int) -> list[tuple[str, Callable]]:
+        hooks = freeze_hooks(r0, r1)
+        for name, heads in recv_hooks:
+            hooks.append((name, _capture(captured, name, heads)))
+        return hooks
+
+    def pass1_readout(_: Tensor, r0: int, r1: int) -> Tensor:
+        return torch.cat([captured[name].flatten(1) for name, _ in recv_hooks], dim=1)
+
+    recorded = batched_runs(
+        model, n_rows, batch_size, first,
+        make_input=lambda r0, r1: resid_first[row_pair[r0:r1]],
+        make_hooks=pass1_hooks,
+        readout=pass1_readout,
+        stop_at_layer=last + 1,
+        progress="path patching (1/2)" if progress else False,
+    )
+
+    # pass 2: only the receivers' inputs change
+    first_recv = min(by_layer)
+    resid_recv = context.resid_pre(first_recv)
+    sizes = [captured[name].flatten(1).shape[1] for name, _ in recv_hooks]
+
+    def pass2_hooks(r0: int, r1: int) -> list[tuple[str, Callable]]:
+        parts = recorded[r0:r1].split(sizes, dim=1)
+        return [(name, _overwrite_heads(part, heads)) for (name, heads), part in zip(recv_hooks, parts)]
+
+    return batched_runs(
+        model, n_rows, batch_size, first_recv,
+        make_input=lambda r0, r1: resid_recv[row_pair[r0:r1]],
+        make_hooks=pass2_hooks,
+        readout=lambda out, r0, r1: metric(out, row_pair[r0:r1]),
+        progress="path patching (2/2)" if progress else False,
+    ).view(n_pairs, n_send)
+
+
+def _check_head(cfg: Any, layer: int, head: int) -> None:
+    if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
+        raise ValueError(f"head ({layer}, {head}) is out of range: layers 0..{cfg.n_layers - 1}, heads 0..{cfg.n_heads - 1}")
+
+
+def _freeze_z(tgt_z: Tensor, src_z: Tensor, pair: Tensor, rows: Tensor, heads: Tensor) -> Callable:
+    """Every head's z := the target's; the senders' rows get the source's z for their head."""
+    values = tgt_z[pair].clone()
+    if len(rows):
+        values[rows, :, heads] = src_z[pair[rows], :, heads]
+
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        return values.to(act.dtype)
+
+    return hook
+
+
+def _replace(tgt: Tensor, pair: Tensor) -> Callable:
+    values = tgt[pair]
+
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        return values.to(act.dtype)
+
+    return hook
+
+
+def _capture(store: dict[str, Tensor], name: str, heads: list[int]) -> Callable:
+    def hook(act: Tensor, hook: Any) -> None:
+        store[name] = act[:, :, heads].clone()
+
+    return hook
+
+
+def _overwrite_heads(flat: Tensor, heads: list[int]) -> Callable:
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        act[:, :, heads] = flat.view(act.shape[0], act.shape[1], len(heads), act.shape[3]).to(act.dtype)
+        return act
+
+    return hook

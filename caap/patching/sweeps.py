@@ -1,0 +1,225 @@
+"""Sweeps: every (component, layer, position[, head]) patched in turn, one batch row each, with named axes.
+
+    result = sweep(model, clean, corrupted, metric, component="resid_pre")
+    result.values   # [pair, layer, pos]
+    result.to_grid(model).values   # [pair, layer, grid_h, grid_w] (ViT: prefix tokens dropped)
+
+A thin layer over `caap.patching.engine.run_interventions`, in the manner of TransformerLens'
+`patching.py` (whose API shape it keeps, without its one-forward-per-index loop).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from caap.patching.engine import (
+    Context,
+    Intervention,
+    Metric,
+    Write,
+    as_context,
+    run_interventions,
+)
+
+COMPONENTS: dict[str, str] = {
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "resid_mid": "blocks.{layer}.hook_resid_mid",
+    "resid_post": "blocks.{layer}.hook_resid_post",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "q": "blocks.{layer}.attn.hook_q",
+    "k": "blocks.{layer}.attn.hook_k",
+    "v": "blocks.{layer}.attn.hook_v",
+    "z": "blocks.{layer}.attn.hook_z",
+    "result": "blocks.{layer}.attn.hook_result",
+    "pattern": "blocks.{layer}.attn.hook_pattern",
+}
+"""Component name -> hook point template."""
+
+HEAD_COMPONENTS = frozenset({"q", "k", "v", "z", "result", "pattern"})
+
+
+def component_hook(component: str, layer: int) -> str:
+    if component not in COMPONENTS:
+        raise ValueError(f"unknown component {component!r}; accepted: {', '.join(COMPONENTS)}")
+    return COMPONENTS[component].format(layer=layer)
+
+
+@dataclass
+class SweepResult:
+    """Patching results with named axes.
+
+    `values` has one axis per name in `dims`; `coords[name]` lists the index of each entry along that
+    axis (layer numbers, token positions, head numbers, component names, pair numbers).
+    `target_score` / `source_score`: the metric of the unpatched target and source runs, per pair.
+    """
+
+    values: Tensor
+    dims: tuple[str, ...]
+    coords: dict[str, list] = field(default_factory=dict)
+    target_score: Tensor | None = None
+    source_score: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.values.ndim != len(self.dims):
+            raise ValueError(f"values has {self.values.ndim} axes but dims names {len(self.dims)}: {self.dims}")
+
+    def axis(self, name: str) -> int:
+        if name not in self.dims:
+            raise KeyError(f"no axis {name!r}; axes are {self.dims}")
+        return self.dims.index(name)
+
+    def sel(self, **indexers: Any) -> "SweepResult":
+        """Select one entry along named axes by coordinate, e.g. `result.sel(pair=0, layer=3)`."""
+        values, dims, coords = self.values, list(self.dims), dict(self.coords)
+        for name, value in indexers.items():
+            ax = dims.index(name) if name in dims else None
+            if ax is None:
+                raise KeyError(f"no axis {name!r}; axes are {tuple(dims)}")
+            i = coords[name].index(value)
+            values = values.select(ax, i)
+            dims.pop(ax)
+            coords.pop(name)
+        return replace(self, values=values, dims=tuple(dims), coords=coords)
+
+    def normalized(self) -> "SweepResult":
+        """(patched - target) / (source - target) per pair: 0 = no effect, 1 = the source's score."""
+        if self.target_score is None or self.source_score is None:
+            raise ValueError("normalisation needs target_score and source_score")
+        shape = [-1 if d == "pair" else 1 for d in self.dims]
+        t, s = self.target_score.view(shape), self.source_score.view(shape)
+        return replace(self, values=(self.values - t) / (s - t))
+
+    def to_grid(self, model: Any, grid_size: tuple[int, int] | None = None) -> "SweepResult":
+        """Turn the `pos` axis into (`grid_h`, `grid_w`) with the model's grid helper (prefix tokens
+        dropped). The positions swept must be every token, or every patch token."""
+        ax = self.axis("pos")
+        v = self.values.movedim(ax, -1)
+        grid = model.to_grid(v, grid_size=grid_size)
+        dims = [d for d in self.dims if d != "pos"] + ["grid_h", "grid_w"]
+        coords = {k: c for k, c in self.coords.items() if k != "pos"}
+        coords["grid_h"], coords["grid_w"] = list(range(grid.shape[-2])), list(range(grid.shape[-1]))
+        return replace(self, values=grid, dims=tuple(dims), coords=coords)
+
+    def to_dataframe(self):
+        """One row per entry, a column per axis plus `value` (pandas)."""
+        import pandas as pd
+
+        names = list(self.dims)
+        grids = itertools.product(*(self.coords.get(n, range(self.values.shape[i])) for i, n in enumerate(names)))
+        return pd.DataFrame([(*idx, v) for idx, v in zip(grids, self.values.flatten().tolist())], columns=[*names, "value"])
+
+
+def _n_pairs(n_sources: int, n_targets: int) -> int:
+    if n_sources != n_targets and 1 not in (n_sources, n_targets):
+        raise ValueError(
+            f"{n_sources} sources and {n_targets} targets: give as many of each, or one of either (broadcast)"
+        )
+    return max(n_sources, n_targets)
+
+
+def sweep(
+    model: Any,
+    sources: Tensor,
+    target: Tensor | Context,
+    metric: Metric,
+    component: str | Sequence[str] = "resid_pre",
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    per_position: bool | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> SweepResult:
+    """Patch each (component, layer, position[, head]) from the source into the target, one at a time.
+
+    Args:
+        sources: source inputs [n, ...] (pixels or tokens). Pair i is source i with target i (one of
+            either is broadcast).
+        target: target inputs [n, ...] or a `Context` (e.g. a neutral context's residual streams).
+        metric: `metric(output, pair) -> [rows]`.
+        component: one name or several, from `COMPONENTS`.
+        layers / positions / heads: what to sweep (default: all).
+        per_position: for head components, patch each (position, head) (True) or each head at every
+            position (False). Default: False for `pattern`, True otherwise.
+
+    Returns:
+        `SweepResult` with dims (pair, [component,] layer, pos) for position components, and
+        (pair, [component,] layer, [pos,] head) for head components.
+    """
+    components = [component] if isinstance(component, str) else list(component)
+    for c in components:
+        component_hook(c, 0)
+    head_kinds = {c in HEAD_COMPONENTS for c in components}
+    if len(head_kinds) > 1:
+        raise ValueError("sweep components with a head axis and without one separately")
+    has_heads = head_kinds.pop()
+    if per_position is None:
+        per_position = not (components == ["pattern"])
+    if "result" in components and not getattr(model.cfg, "use_attn_result", False):
+        raise ValueError("component 'result' needs model.cfg.use_attn_result = True (model.set_use_attn_result(True))")
+
+    context = as_context(model, target)
+    n_pairs = _n_pairs(sources.shape[0], context.n)
+    n_layers = model.cfg.n_layers
+    layers = list(range(n_layers)) if layers is None else [_check(layer, n_layers, "layer") for layer in layers]
+    n_pos = _n_positions(model, sources)
+    positions = list(range(n_pos)) if positions is None else [_check(p, n_pos, "position") for p in positions]
+    n_heads = model.cfg.n_heads
+    heads = list(range(n_heads)) if heads is None else [_check(h, n_heads, "head") for h in heads]
+
+    axes: list[tuple[str, list]] = [("pair", list(range(n_pairs)))]
+    if len(components) > 1:
+        axes.append(("component", components))
+    axes.append(("layer", layers))
+    if not has_heads or per_position:
+        axes.append(("pos", positions))
+    if has_heads:
+        axes.append(("head", heads))
+
+    rows, row_pairs = [], []
+    for idx in itertools.product(*(c for _, c in axes)):
+        named = dict(zip((n for n, _ in axes), idx))
+        comp = named.get("component", components[0])
+        hook = component_hook(comp, named["layer"])
+        write = Write(hook, named.get("pos"), named.get("head"))
+        pair = named["pair"]
+        rows.append(Intervention((write,), source=min(pair, sources.shape[0] - 1), target=min(pair, context.n - 1)))
+        row_pairs.append(pair)
+    pairs = torch.tensor(row_pairs)
+    values = run_interventions(
+        model, rows, sources, context, metric, batch_size=batch_size, pairs=pairs,
+        progress="sweep" if progress else False,
+    )
+    shape = [len(c) for _, c in axes] + list(values.shape[1:])
+    target_score, source_score = _baselines(model, sources, context, metric, n_pairs)
+    dims = tuple(n for n, _ in axes) + tuple(f"out{i}" for i in range(values.ndim - 1))
+    return SweepResult(values.view(shape), dims, {n: c for n, c in axes}, target_score, source_score)
+
+
+def _check(i: int, n: int, what: str) -> int:
+    if not -n <= i < n:
+        raise ValueError(f"{what} {i} is out of range: accepted 0..{n - 1}")
+    return i % n
+
+
+def _n_positions(model: Any, sources: Tensor) -> int:
+    if sources.ndim == 4:  # pixels
+        gh, gw = model.grid_size_for(sources)
+        return model.cfg.n_prefix_tokens + gh * gw
+    return sources.shape[1]  # tokens
+
+
+@torch.inference_mode()
+def _baselines(model: Any, sources: Tensor, context: Context, metric: Metric, n_pairs: int) -> tuple[Tensor, Tensor]:
+    pairs = torch.arange(n_pairs, device=sources.device)
+    src = sources[pairs.clamp(max=sources.shape[0] - 1)]
+    tgt = context.resid_pre(0)[pairs.clamp(max=context.n - 1)]
+    return metric(model(tgt, start_at_layer=0), pairs), metric(model(src), pairs)
