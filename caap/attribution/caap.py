@@ -1,0 +1,162 @@
+"""CAAP: Causal Attribution via Activation Patching (arXiv 2603.13652).
+
+"For each patch, CAAP inserts the corresponding source-image activations into a neutral target context
+over an intermediate range of layers and uses the resulting target-class score as the attribution
+signal."
+
+Here, for patch i: the run starts in the neutral context at block `start`; at every block from `start`
+to `end` inclusive, the component carried (default: the residual stream entering the block) at patch
+i's token is overwritten with the source image's value; after `end` the token evolves freely. The
+target-class score of that run is patch i's attribution. One batch row per patch, all rows of all
+images packed into batches by the patching engine, every row starting at block `start` from the
+context's residual stream (computed once).
+
+Choices the paper leaves open are parameters (see README for how the defaults were measured on the
+`dev` split): the neutral context, the layer range, the component and the score.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from caap.attribution.base import AttributionMethod, Target, resolve_targets
+from caap.contexts import NeutralContext, get_context
+from caap.patching.engine import Intervention, Write, run_interventions
+from hooked_vit import HookedViT
+
+Component = Literal["resid", "attn_out", "mlp_out"]
+Score = Literal["logit", "prob", "logit_diff"]
+
+COMPONENT_HOOKS = {
+    "resid": "blocks.{layer}.hook_resid_pre",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+}
+
+DEFAULT_CONTEXT = "mean"
+"""Default neutral context (chosen on the `dev` split; see README)."""
+
+DEFAULT_LAYER_FRACTIONS = (1 / 3, 2 / 3)
+"""Default layer range as fractions of the depth: blocks [round(a n), round(b n) - 1], e.g. blocks 4..7
+of 12 (the "mid" range). Chosen on the `dev` split; see README."""
+
+
+def default_layers(n_layers: int) -> tuple[int, int]:
+    """The default layer range for a model of this depth (inclusive, 0-indexed blocks)."""
+    a, b = DEFAULT_LAYER_FRACTIONS
+    start = min(n_layers - 1, round(a * n_layers))
+    end = max(start, round(b * n_layers) - 1)
+    return start, end
+
+
+class CAAP(AttributionMethod):
+    """Causal Attribution via Activation Patching.
+
+    Args:
+        model: a HookedViT.
+        layers: (start, end), inclusive 0-indexed blocks; default `default_layers(n_layers)`.
+        context: "mean", "grey", "black", "blur", "noise", "zero", an image, a pixel tensor
+            [1, 3, H, W], or a `NeutralContext`.
+        component: what the patch token carries from the source: "resid" (residual stream entering
+            each block), "attn_out" or "mlp_out" (that block's attention / MLP output).
+        score: "logit" (target logit), "prob" (softmax probability), or "logit_diff" (target logit
+            minus the unpatched context's target logit).
+        batch_size: rows (patched runs) per forward pass.
+        reference: reference images for the "mean" context (default: the shared ImageNet sample).
+
+    `attribute(pixels, target)` -> [batch, grid_h, grid_w]; with `target` of shape [batch, k]
+    (several classes per image) -> [batch, k, grid_h, grid_w], at no extra cost.
+    """
+
+    name = "caap"
+    resolution = "patch"
+
+    def __init__(
+        self,
+        model: HookedViT,
+        layers: tuple[int, int] | None = None,
+        context: str | NeutralContext | Any = DEFAULT_CONTEXT,
+        component: Component = "resid",
+        score: Score = "logit",
+        batch_size: int = 64,
+        reference: Any = None,
+        progress: bool = False,
+    ) -> None:
+        super().__init__(model)
+        n = model.cfg.n_layers
+        start, end = default_layers(n) if layers is None else layers
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end < n):
+            raise ValueError(
+                f"layers={layers!r} is not a valid range: need 0 <= start <= end <= {n - 1} "
+                f"(inclusive block indices of this {n}-layer model)"
+            )
+        if component not in COMPONENT_HOOKS:
+            raise ValueError(f"unknown component {component!r}; accepted: {', '.join(COMPONENT_HOOKS)}")
+        if score not in ("logit", "prob", "logit_diff"):
+            raise ValueError(f"unknown score {score!r}; accepted: logit, prob, logit_diff")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.layers = (start, end)
+        self.context = get_context(context, model, reference=reference)
+        self.component, self.score, self.batch_size, self.progress = component, score, batch_size, progress
+
+    def __repr__(self) -> str:
+        return (
+            f"CAAP(layers={self.layers}, context={self.context.name!r}, component={self.component!r}, "
+            f"score={self.score!r})"
+        )
+
+    def attribute(self, pixels: Float[Tensor, "batch chan H W"], target: Target = None) -> Tensor:
+        if not isinstance(pixels, Tensor) or pixels.ndim != 4:
+            shape = tuple(pixels.shape) if isinstance(pixels, Tensor) else type(pixels).__name__
+            raise ValueError(f"pixels must be a tensor [batch, chan, H, W], got {shape}; use model.preprocess()")
+        self.model.grid_size_for(pixels)
+        t = torch.as_tensor(target, device=pixels.device) if target is not None and not isinstance(target, int) else None
+        if t is not None and t.ndim == 2:
+            if t.shape[0] != pixels.shape[0]:
+                raise ValueError(f"target [batch, k] must have {pixels.shape[0]} rows, got {tuple(t.shape)}")
+            targets = torch.stack([resolve_targets(self.model, pixels, t[:, j]) for j in range(t.shape[1])], 1)
+            return self._attribute(pixels, targets)
+        return self._attribute(pixels, resolve_targets(self.model, pixels, target))
+
+    @torch.inference_mode()
+    def _attribute(self, pixels: Tensor, targets: Int[Tensor, "batch *k"]) -> Tensor:
+        model = self.model
+        b = pixels.shape[0]
+        grid = model.grid_size_for(pixels)
+        n_patches = grid[0] * grid[1]
+        prefix = model.cfg.n_prefix_tokens
+        start, end = self.layers
+        hooks = [COMPONENT_HOOKS[self.component].format(layer=layer) for layer in range(start, end + 1)]
+        context = self.context.for_sources(model, pixels)
+        rows = [
+            Intervention(tuple(Write(h, prefix + p) for h in hooks), source=i, target=i if context.n > 1 else 0)
+            for i in range(b)
+            for p in range(n_patches)
+        ]
+        pairs = torch.arange(b, device=pixels.device).repeat_interleave(n_patches)
+        metric = self._metric(targets)
+        scores = run_interventions(
+            model, rows, pixels, context, metric, batch_size=self.batch_size, pairs=pairs,
+            progress="CAAP" if self.progress else False,
+        )
+        if self.score == "logit_diff":
+            base = model(context.resid_pre(start), start_at_layer=start)
+            ctx_idx = torch.arange(b, device=pixels.device).clamp(max=context.n - 1)
+            k = targets.view(b, -1)
+            scores = scores.view(b, n_patches, -1) - base[ctx_idx].gather(-1, k).unsqueeze(1)
+        maps = scores.view(b, n_patches, -1).permute(0, 2, 1).reshape(b, -1, *grid)
+        return maps if targets.ndim == 2 else maps[:, 0]
+
+    def _metric(self, targets: Tensor):
+        k = targets.view(targets.shape[0], -1)
+
+        def metric(logits: Tensor, pair: Tensor) -> Tensor:
+            values = logits.softmax(-1) if self.score == "prob" else logits
+            return values.gather(-1, k[pair])
+
+        return metric
