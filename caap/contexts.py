@@ -65,8 +65,8 @@ class NeutralContext(ABC):
 
 def _raw_to_pixels(raw: Tensor, model: HookedViT) -> Tensor:
     """An image in [0, 1] RGB -> the model's normalised pixel space."""
-    mean = torch.tensor(model.data_config.get("mean", (0.5, 0.5, 0.5)), device=raw.device).view(1, -1, 1, 1)
-    std = torch.tensor(model.data_config.get("std", (0.5, 0.5, 0.5)), device=raw.device).view(1, -1, 1, 1)
+    mean = torch.tensor(model.data_config["mean"], device=raw.device).view(1, -1, 1, 1)
+    std = torch.tensor(model.data_config["std"], device=raw.device).view(1, -1, 1, 1)
     return (raw - mean) / std
 
 

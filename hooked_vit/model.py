@@ -57,8 +57,9 @@ class HookedViT(HookedRootModule):
     def __init__(self, cfg: HookedViTConfig, data_config: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.data_config: dict[str, Any] = dict(data_config or {})
-        """timm's data config of the source model (input size, mean, std, crop, interpolation)."""
+        self.data_config: dict[str, Any] = dict(data_config) if data_config else _default_data_config(cfg)
+        """timm's data config of the source model (input size, mean, std, crop, interpolation); timm's
+        defaults for a model built by hand."""
         d = cfg.d_model
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.class_token else None
@@ -346,7 +347,7 @@ class HookedViT(HookedRootModule):
         pixels [batch, 3, H, W], with the source model's own timm data config."""
         from hooked_vit.preprocess import preprocess
 
-        return preprocess(images, self.data_config or _default_data_config(self.cfg)).to(self._param_device())
+        return preprocess(images, self.data_config).to(self._param_device())
 
     def _param_device(self) -> torch.device:
         return next(self.parameters()).device

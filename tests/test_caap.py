@@ -1,0 +1,148 @@
+"""CAAP: shapes, determinism, agreement with the engine's sweep, a provable synthetic case, a real photo."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from caap import CAAP
+from caap.attribution import default_layers
+from caap.contexts import ImageContext
+from caap.data import DEFAULT_MODEL, shared_checkpoint
+from caap.patching import logit_metric, sweep
+from hooked_vit import HookedViT, HookedViTConfig
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = HookedViTConfig(n_layers=4, d_model=32, n_heads=4, d_head=8, d_mlp=64, img_size=32, patch_size=8,
+                          n_registers=2, n_classes=10)
+    m = HookedViT(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    return m
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_shape_dtype_deterministic(model, pixels):
+    caap = CAAP(model, layers=(1, 2), context="grey", batch_size=5)
+    a = caap.attribute(pixels)
+    b = caap.attribute(pixels)
+    assert a.shape == (2, 4, 4) and a.dtype == torch.float32
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_batch_equals_single_images(model, pixels):
+    caap = CAAP(model, layers=(1, 3), context="blur", batch_size=7)
+    both = caap.attribute(pixels, target=[3, 8])
+    torch.testing.assert_close(both[0], caap.attribute(pixels[:1], target=3)[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(both[1], caap.attribute(pixels[1:], target=8)[0], atol=1e-5, rtol=0)
+
+
+def test_several_targets_at_once(model, pixels):
+    caap = CAAP(model, layers=(2, 2), context="zero")
+    many = caap.attribute(pixels, target=torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    assert many.shape == (2, 3, 4, 4)
+    torch.testing.assert_close(many[:, 1], caap.attribute(pixels, target=[2, 5]), atol=1e-5, rtol=0)
+
+
+def test_single_layer_caap_equals_resid_sweep(model, pixels):
+    """CAAP over one layer with an image context is the engine's resid_pre sweep into that image."""
+    ctx_image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    maps = CAAP(model, layers=(2, 2), context=ImageContext(ctx_image)).attribute(pixels[:1], target=4)
+    result = sweep(model, pixels[:1], ctx_image, logit_metric(torch.tensor([4])), layers=[2], progress=False)
+    torch.testing.assert_close(maps[0], result.to_grid(model).values[0, 0], atol=1e-5, rtol=0)
+
+
+def test_scores(model, pixels):
+    logit = CAAP(model, layers=(1, 2), context="grey", score="logit").attribute(pixels, target=[0, 1])
+    prob = CAAP(model, layers=(1, 2), context="grey", score="prob").attribute(pixels, target=[0, 1])
+    diff = CAAP(model, layers=(1, 2), context="grey", score="logit_diff").attribute(pixels, target=[0, 1])
+    assert (prob >= 0).all() and (prob <= 1).all()
+    # logit_diff is the logit minus one constant per image: the unpatched grey context's logit
+    shift = (logit - diff).flatten(1)
+    torch.testing.assert_close(shift, shift[:, :1].expand_as(shift), atol=1e-5, rtol=0)
+    grey = torch.full((1, 3, 32, 32), 0.5)
+    mean = torch.tensor(model.data_config["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(model.data_config["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        grey_logits = model((grey - mean) / std)[0]
+    torch.testing.assert_close(shift[:, 0], grey_logits[[0, 1]], atol=1e-4, rtol=0)
+    # logit and prob rank the same way only approximately; but both pick up the same strongest patch here
+    assert logit.shape == prob.shape == diff.shape
+
+
+def test_bad_arguments(model, pixels):
+    with pytest.raises(ValueError, match=r"0 <= start <= end <= 3"):
+        CAAP(model, layers=(2, 7))
+    with pytest.raises(ValueError, match=r"0 <= start <= end <= 3"):
+        CAAP(model, layers=(3, 1))
+    with pytest.raises(ValueError, match="unknown context"):
+        CAAP(model, context="purple")
+    with pytest.raises(ValueError, match="unknown component"):
+        CAAP(model, component="q")
+    with pytest.raises(ValueError, match="unknown score"):
+        CAAP(model, score="loss")
+    with pytest.raises(ValueError, match="target class out of range"):
+        CAAP(model, context="zero").attribute(pixels, target=10)
+    with pytest.raises(ValueError, match="image size"):
+        CAAP(model, context="zero").attribute(torch.randn(1, 3, 40, 40))
+
+
+def test_default_layers():
+    assert default_layers(12) == (4, 7)
+    assert default_layers(1) == (0, 0)
+    for n in range(1, 40):
+        s, e = default_layers(n)
+        assert 0 <= s <= e < n
+
+
+def test_synthetic_patch_carries_the_evidence():
+    """A model whose class-0 logit is the mean over patches of the patch's mean red value (zero blocks,
+    average pooling, identity head): patch 5 of the source is the only bright one, so CAAP must rank it
+    first, whatever the layer range, and all other patches equal."""
+    cfg = HookedViTConfig(n_layers=3, d_model=4, n_heads=1, d_head=4, d_mlp=4, img_size=16, patch_size=4,
+                          n_classes=4, class_token=False, pooling="avg", final_norm=False)
+    model = HookedViT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.patch_embed.proj.weight[0, 0] = 1 / 16  # d_model 0 = mean red value of the patch
+        model.head.weight.copy_(torch.eye(4))
+    source = torch.zeros(1, 3, 16, 16)
+    source[0, 0, 4:8, 4:8] = 3.0  # patch (1, 1) = index 5
+    for layers in [(0, 0), (1, 2), (0, 2)]:
+        maps = CAAP(model, layers=layers, context="zero").attribute(source, target=0)[0]
+        assert maps.flatten().argmax().item() == 5
+        others = torch.cat([maps.flatten()[:5], maps.flatten()[6:]])
+        torch.testing.assert_close(others, others[:1].expand_as(others))
+        assert maps.flatten()[5] - others[0] == pytest.approx(3.0 / 16, abs=1e-6)
+
+
+@pytest.mark.shared_data
+@pytest.mark.skipif(shared_checkpoint() is None, reason="needs ../shared/models (real ViT-Tiny weights)")
+def test_real_weights_chelsea_top_patches_on_the_cat():
+    """scikit-image's `chelsea`: after the 0.9 centre crop the frame is cat except a background corner at
+    the top right (original x > 330, y < 110) and the right edge (x > 365). The top patches of CAAP with
+    the default settings lie on the cat."""
+    import skimage.data
+
+    model = HookedViT.from_timm(DEFAULT_MODEL, checkpoint_path=shared_checkpoint())
+    image = skimage.data.chelsea()
+    pixels = model.preprocess(image)
+    assert model(pixels).argmax().item() in (281, 282, 285)  # tabby, tiger cat, Egyptian cat
+    maps = CAAP(model, context="grey").attribute(pixels)[0]
+    # the background in the model's frame, from the crop geometry (resize 300 -> 248, centre crop 224)
+    from caap.data import box_mask
+
+    background = box_mask([(330, 0, 451, 110), (365, 0, 451, 300)], (451, 300), model.data_config)
+    patch_bg = background.view(14, 16, 14, 16).float().mean(dim=(1, 3)) > 0.5
+    top = maps.flatten().topk(5).indices
+    on_cat = (~patch_bg.flatten()[top]).sum().item()
+    assert on_cat >= 4, f"only {on_cat} of the top 5 patches on the cat"
