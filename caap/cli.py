@@ -91,12 +91,12 @@ def cmd_explain(args: argparse.Namespace) -> None:
     layers = _parse_layers(args.layers)
     model = load_model(args.model, args.checkpoint)
     target = _target(model, args.target)
+    batch = [(stem, image, model.preprocess(image)) for stem, image in images]  # read every image first
     method = CAAP(model, layers=layers, context=args.context, score=args.score, batch_size=args.batch_size,
                   progress=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for stem, image in images:
-        pixels = model.preprocess(image)
+    for stem, image, pixels in batch:
         t0 = time.perf_counter()
         with torch.inference_mode():
             logits = model(pixels)[0]

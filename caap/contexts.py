@@ -213,9 +213,15 @@ def _n_patches(model: HookedViT, pixels: Tensor) -> int:
 
 
 def default_mean_context_path(model: HookedViT, n_images: int) -> Path:
+    """Cache file for the default mean context: named by the model and a fingerprint of its weights."""
+    import hashlib
+
     root = Path(os.environ.get("CAAP_CACHE_DIR", Path.home() / ".cache" / "caap"))
     name = getattr(model, "timm_name", None) or "model"
-    return root / f"mean_context_{name}_{n_images}.pt"
+    with torch.no_grad():
+        sample = torch.cat([p.detach().flatten()[:256].float().cpu() for p in model.parameters()])
+    digest = hashlib.sha1(sample.numpy().tobytes()).hexdigest()[:12]
+    return root / f"mean_context_{name}_{digest}_{n_images}.pt"
 
 
 def mean_context_for(
