@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("explain", help="CAAP maps for images (default: scikit-image's chelsea)")
     e.add_argument("images", nargs="*", help="image files")
     e.add_argument("--layers", help="START:END, inclusive block indices (default: the measured default)")
-    e.add_argument("--score", default="logit", choices=["logit", "prob", "logit_diff"])
+    e.add_argument("--score", default="logit_diff", choices=["logit_diff", "logit", "prob"],
+                   help="logit_diff (default): target logit minus the unpatched context's")
     common(e)
     e.set_defaults(func=cmd_explain)
 

@@ -55,7 +55,7 @@ def test_several_targets_at_once(model, pixels):
 def test_single_layer_caap_equals_resid_sweep(model, pixels):
     """CAAP over one layer with an image context is the engine's resid_pre sweep into that image."""
     ctx_image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(9))
-    maps = CAAP(model, layers=(2, 2), context=ImageContext(ctx_image)).attribute(pixels[:1], target=4)
+    maps = CAAP(model, layers=(2, 2), context=ImageContext(ctx_image), score="logit").attribute(pixels[:1], target=4)
     result = sweep(model, pixels[:1], ctx_image, logit_metric(torch.tensor([4])), layers=[2], progress=False)
     torch.testing.assert_close(maps[0], result.to_grid(model).values[0, 0], atol=1e-5, rtol=0)
 

@@ -63,8 +63,11 @@ class CAAP(AttributionMethod):
             [1, 3, H, W], or a `NeutralContext`.
         component: what the patch token carries from the source: "resid" (residual stream entering
             each block), "attn_out" or "mlp_out" (that block's attention / MLP output).
-        score: "logit" (target logit), "prob" (softmax probability), or "logit_diff" (target logit
-            minus the unpatched context's target logit).
+        score: "logit_diff" (default: the target logit minus the unpatched context's target logit),
+            "logit" (the target logit itself) or "prob" (softmax probability). "logit_diff" is the
+            paper's target-class score shifted by one constant per image, so every ranking-based
+            metric is unchanged; the shift gives the sign a meaning (positive = the patch adds
+            evidence), which metrics on positive mass (box energy) need.
         batch_size: rows (patched runs) per forward pass.
         reference: reference images for the "mean" context (default: the shared ImageNet sample).
 
@@ -81,7 +84,7 @@ class CAAP(AttributionMethod):
         layers: tuple[int, int] | None = None,
         context: str | NeutralContext | Any = DEFAULT_CONTEXT,
         component: Component = "resid",
-        score: Score = "logit",
+        score: Score = "logit_diff",
         batch_size: int = 64,
         reference: Any = None,
         progress: bool = False,

@@ -105,8 +105,8 @@ class Context(Protocol):
 
 
 class InputContext:
-    """A target given as model inputs (pixels or tokens): its residual stream at any layer comes
-    from one forward pass up to that layer (cached)."""
+    """A target given as model inputs (pixels or tokens): its residual stream entering every block
+    comes from one forward pass (computed on first use)."""
 
     def __init__(self, model: Any, inputs: Tensor) -> None:
         self.model, self.inputs, self.n = model, inputs, inputs.shape[0]
@@ -114,8 +114,10 @@ class InputContext:
 
     @torch.inference_mode()
     def resid_pre(self, layer: int) -> Tensor:
-        if layer not in self._resid:
-            self._resid[layer] = self.model(self.inputs, stop_at_layer=layer)
+        if not self._resid:
+            names = [f"blocks.{i}.hook_resid_pre" for i in range(self.model.cfg.n_layers)]
+            _, cache = self.model.run_with_cache(self.inputs, names_filter=names)
+            self._resid = {i: cache[name] for i, name in enumerate(names)}
         return self._resid[layer]
 
 
@@ -284,19 +286,24 @@ def run_interventions(
     """
     if not interventions:
         raise ValueError("no interventions given")
-    hooks = {w.hook for iv in interventions for w in iv.writes}
+    n_layers = model.cfg.n_layers
     context = as_context(model, target)
-    start = start_layer_for(hooks, model.cfg.n_layers)
-    if start is None and not isinstance(context, InputContext):
+    # each row starts at its own earliest patched block: group rows by start layer (stable order)
+    row_start = [start_layer_for([w.hook for w in iv.writes], n_layers) for iv in interventions]
+    if any(s is None for s in row_start) and not isinstance(context, InputContext):
         raise ValueError("writes before the first block need the target as model inputs, not a residual context")
+    key = [-1 if s is None else s for s in row_start]
+    order = sorted(range(len(interventions)), key=key.__getitem__)
+    interventions = [interventions[i] for i in order]
+    hooks = {w.hook for iv in interventions for w in iv.writes}
     source_cache = cache_sources(model, sources, hooks) if hooks else {}
     device = next(model.parameters()).device
     writes = compile_interventions(interventions, source_cache, device)
     targets = torch.tensor([iv.target for iv in interventions], device=device)
     if int(targets.max()) >= context.n or int(targets.min()) < 0:
         raise IndexError(f"interventions use targets up to {int(targets.max())}; there are {context.n}")
-    pair = targets if pairs is None else torch.as_tensor(pairs, device=device)
-    base = context.inputs if start is None else context.resid_pre(start)  # type: ignore[attr-defined]
+    order_t = torch.tensor(order, device=device)
+    pair = (targets if pairs is None else torch.as_tensor(pairs, device=device)[order_t])
 
     def make_hooks(r0: int, r1: int) -> list[tuple[str, Callable]]:
         out = []
@@ -306,13 +313,25 @@ def run_interventions(
                 out.append((hook, fn))
         return out
 
-    return batched_runs(
-        model,
-        len(interventions),
-        batch_size,
-        start,
-        make_input=lambda r0, r1: base[targets[r0:r1]],
-        make_hooks=make_hooks,
-        readout=lambda out, r0, r1: metric(out, pair[r0:r1]),
-        progress=progress,
-    )
+    results = []
+    sorted_keys = [key[i] for i in order]
+    lo = 0
+    while lo < len(interventions):
+        hi = lo
+        while hi < len(interventions) and sorted_keys[hi] == sorted_keys[lo]:
+            hi += 1
+        start = row_start[order[lo]]
+        base = context.inputs if start is None else context.resid_pre(start)  # type: ignore[attr-defined]
+        results.append(batched_runs(
+            model,
+            hi - lo,
+            batch_size,
+            start,
+            make_input=lambda r0, r1, lo=lo, base=base: base[targets[lo + r0 : lo + r1]],
+            make_hooks=lambda r0, r1, lo=lo: make_hooks(lo + r0, lo + r1),
+            readout=lambda out, r0, r1, lo=lo: metric(out, pair[lo + r0 : lo + r1]),
+            progress=progress,
+        ))
+        lo = hi
+    values = torch.cat(results)
+    return values[torch.argsort(order_t)]
