@@ -229,14 +229,16 @@ def batched_runs(
     concatenated (on the model's device). Hooks are removed even if a hook raises."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    starts = range(0, n_rows, batch_size)
+    # as few batches as batch_size allows, of equal size (196 rows at 64 -> 4 x 49, not 64+64+64+4)
+    n_batches = -(-n_rows // batch_size)
+    bounds = [round(i * n_rows / n_batches) for i in range(n_batches + 1)]
     desc = progress if isinstance(progress, str) else "patching"
-    bar = tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, leave=False)
+    bar = tqdm(range(n_batches), desc=desc, disable=not progress or n_batches < 2, leave=False)
     outs = []
     kwargs = {} if stop_at_layer is None else {"stop_at_layer": stop_at_layer}
     with torch.inference_mode():
-        for r0 in bar:
-            r1 = min(r0 + batch_size, n_rows)
+        for i in bar:
+            r0, r1 = bounds[i], bounds[i + 1]
             x = make_input(r0, r1)
             with model.hooks(fwd_hooks=make_hooks(r0, r1)):
                 out = model(x, start_at_layer=start_layer, **kwargs) if start_layer is not None else model(x, **kwargs)

@@ -1,0 +1,87 @@
+"""Baseline attribution methods for ViTs, each an `AttributionMethod` (`caap.attribution.base`):
+
+    from caap.baselines import get_baseline
+    maps = get_baseline("rollout", model).attribute(pixels, target=None)   # [batch, h, w]
+
+| name                   | class                          | paper                                   | resolution |
+|------------------------|--------------------------------|-----------------------------------------|------------|
+| random                 | RandomAttribution              | sanity floor                            | patch      |
+| rollout                | AttentionRollout               | Abnar & Zuidema 2020                    | patch      |
+| gae                    | GenericAttentionExplainability | Chefer et al. 2021b (LRP-free)          | patch      |
+| attention_gradcam      | AttentionGradCAM               | Chefer et al. 2021a's Grad-CAM baseline | patch      |
+| gradsam                | GradSAM                        | Barkan et al. 2021                      | patch      |
+| gradcam                | GradCAM                        | Selvaraju et al. 2017 (pytorch-grad-cam)| patch      |
+| input_x_gradient       | InputXGradient                 | Shrikumar et al. 2016                   | pixel      |
+| integrated_gradients   | IntegratedGradients            | Sundararajan et al. 2017                | pixel      |
+| smoothgrad             | SmoothGrad                     | Smilkov et al. 2017                     | pixel      |
+| occlusion              | Occlusion                      | Zeiler & Fergus 2014                    | patch      |
+| rise                   | RISE                           | Petsiuk et al. 2018                     | pixel      |
+| atman                  | AtMan                          | Deiseroth et al. 2023                   | patch      |
+
+Maps cover the patch tokens only (prefix tokens never get an entry); for how methods that read "the
+class token's row" treat register tokens, distillation tokens and models without a class token, see
+`caap.baselines._common`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from caap.attribution.base import AttributionMethod
+from caap.baselines.atman import AtMan
+from caap.baselines.attention_grads import AttentionGradCAM, GradSAM
+from caap.baselines.gae import CheferGAE, GenericAttentionExplainability
+from caap.baselines.gradcam import GradCAM
+from caap.baselines.gradients import InputXGradient, IntegratedGradients, SmoothGrad
+from caap.baselines.occlusion import Occlusion
+from caap.baselines.random_map import RandomAttribution
+from caap.baselines.rise import RISE
+from caap.baselines.rollout import AttentionRollout
+from hooked_vit import HookedViT
+
+BASELINES: dict[str, type[AttributionMethod]] = {
+    cls.name: cls
+    for cls in (
+        RandomAttribution,
+        AttentionRollout,
+        GenericAttentionExplainability,
+        AttentionGradCAM,
+        GradSAM,
+        GradCAM,
+        InputXGradient,
+        IntegratedGradients,
+        SmoothGrad,
+        Occlusion,
+        RISE,
+        AtMan,
+    )
+}
+"""Registry: method name -> class (each class's `name`)."""
+
+
+def get_baseline(name: str, model: HookedViT, **kwargs: Any) -> AttributionMethod:
+    """Build the baseline called `name` (case and '-' / '_' do not matter) for `model`; keyword
+    arguments go to its constructor."""
+    key = name.strip().lower().replace("-", "_") if isinstance(name, str) else name
+    if key not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; accepted names: {', '.join(BASELINES)}")
+    return BASELINES[key](model, **kwargs)
+
+
+__all__ = [
+    "BASELINES",
+    "get_baseline",
+    "AtMan",
+    "AttentionGradCAM",
+    "AttentionRollout",
+    "CheferGAE",
+    "GenericAttentionExplainability",
+    "GradCAM",
+    "GradSAM",
+    "InputXGradient",
+    "IntegratedGradients",
+    "Occlusion",
+    "RISE",
+    "RandomAttribution",
+    "SmoothGrad",
+]
