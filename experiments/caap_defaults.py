@@ -4,7 +4,12 @@ For every (context, layer range) this computes CAAP maps for the first `--limit`
 (target = the true class) and scores them with the pointing game (15 px tolerance) and box energy on the
 ImageNet boxes. Maps are saved (one .npz per setting) so that other experiments can reuse them.
 
-    python experiments/caap_defaults.py --split dev --limit 120 --out results/caap_defaults
+    python experiments/caap_defaults.py --split dev --limit 64 --contexts mean --ranges early,mid,late
+    python experiments/caap_defaults.py --split dev --limit 64 --contexts grey,blur,zero --ranges late \
+        --name caap_defaults_dev_contexts
+
+The README's defaults came from these two commands, a two-stage search to fit the CPU budget: first the
+layer range with the mean context (the context the authors mention), then the context at the best range.
 
 Prints a markdown table (mean and 95% confidence interval per setting) and writes it with a CSV.
 Ranges are named for a model of depth n: early = blocks [0, n/3), mid = [n/3, 2n/3), late = [2n/3, n),
@@ -56,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images-per-call", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--out", default="results/caap_defaults")
+    p.add_argument("--name", default=None, help="base name of the table files (default caap_defaults_<split>)")
     args = p.parse_args(argv)
 
     data = Path(args.data) if args.data else shared_data_dir(VAL_BOXES)
@@ -99,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{ctx_name:6s} {range_name:6s} pointing {pg_m:.3f} ± {pg_ci:.3f}  energy {be_m:.3f} ± {be_ci:.3f}",
                   flush=True)
 
-    with open(out / f"caap_defaults_{args.split}.csv", "w", newline="") as f:
+    name = args.name or f"caap_defaults_{args.split}"
+    with open(out / f"{name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
@@ -116,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['pointing_game_ci']:.3f}{mark} | {r['box_energy']:.3f} ± {r['box_energy_ci']:.3f} |")
     lines.append("")
     lines.append(f"Command: python experiments/caap_defaults.py --split {args.split} --limit {args.limit} "
-                 f"--contexts {args.contexts} --ranges {args.ranges}")
+                 f"--contexts {args.contexts} --ranges {args.ranges}" + (f" --name {args.name}" if args.name else ""))
     table = "\n".join(lines)
-    (out / f"caap_defaults_{args.split}.md").write_text(table + "\n")
+    (out / f"{name}.md").write_text(table + "\n")
     print()
     print(table)
     return 0

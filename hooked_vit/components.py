@@ -25,8 +25,9 @@ from hooked_vit.config import HookedViTConfig
 
 
 def _hooked(hook_point: HookPoint) -> bool:
-    """Whether a forward hook is attached (cheaper than `HookPoint.has_hooks` on the hot path)."""
-    return bool(hook_point._forward_hooks)
+    """Whether a forward or backward hook is attached (cheaper than `HookPoint.has_hooks` on the hot
+    path). Backward hooks count: they only fire if the fast path does not skip the hook point."""
+    return bool(hook_point._forward_hooks or hook_point._backward_hooks)
 
 
 class QuickGELU(nn.Module):

@@ -287,20 +287,37 @@ class HookedViT(HookedRootModule):
     def _enable_hook_with_name(self, name: str, hook, dir) -> None:  # used by hooks() / run_with_hooks
         if name not in self.hook_dict:
             raise ValueError(_unknown_hook_message(name, self.hook_dict))
+        if not self.is_caching:  # run_with_cache names every hook point; a user's named hook must fire
+            self.check_hooks_to_add(self.hook_dict[name], name, hook, dir=dir)
         super()._enable_hook_with_name(name, hook, dir)
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
         """Compute per-head outputs (`blocks.{l}.attn.hook_result`); slower, so off by default."""
         self.cfg.use_attn_result = use_attn_result
 
-    def run_with_cache(self, *model_args: Any, return_cache_object: bool = True, **kwargs: Any):  # type: ignore[override]
-        """Run and cache activations; returns (output, `ViTActivationCache`), as TransformerLens does."""
+    def run_with_cache(  # type: ignore[override]
+        self,
+        *model_args: Any,
+        return_cache_object: bool = True,
+        remove_batch_dim: bool = False,
+        pos_slice: Any = None,
+        **kwargs: Any,
+    ):
+        """Run and cache activations; returns (output, `ViTActivationCache`), as TransformerLens does.
+
+        `remove_batch_dim` and `pos_slice` are applied here rather than by TransformerLens, which
+        takes axis -2 of every activation with 2+ dims for the token axis: wrong for the pooled
+        activations (`hook_pooled`, `fc_norm.*`: [batch, d_model], no token axis), where it crashed
+        (remove_batch_dim) or sliced the batch (pos_slice).
+        """
         out, cache_dict = super().run_with_cache(*model_args, **kwargs)
+        if remove_batch_dim or pos_slice is not None:
+            cache_dict = {k: _slice_cached(k, v, remove_batch_dim, pos_slice) for k, v in cache_dict.items()}
         if not return_cache_object:
             return out, cache_dict
         from hooked_vit.cache import ViTActivationCache
 
-        return out, ViTActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+        return out, ViTActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
 
     # ------------------------------------------------------------------ weights, TransformerLens names
     @property
@@ -355,6 +372,27 @@ class HookedViT(HookedRootModule):
     @property
     def device(self) -> torch.device:
         return self._param_device()
+
+
+def _slice_cached(name: str, value: Tensor, remove_batch_dim: bool, pos_slice: Any) -> Tensor:
+    """Apply run_with_cache's `pos_slice` (on the token axis, where the activation has one) and
+    `remove_batch_dim` to one cached activation."""
+    from transformer_lens.utilities import Slice
+
+    base = name.removesuffix("_grad")
+    if base == "hook_pooled" or base.startswith("fc_norm."):
+        pos_dim = None  # pooled: [batch, (2,) d_model]
+    elif base.rsplit(".", 1)[-1] in ("hook_q", "hook_k", "hook_v", "hook_z", "hook_result"):
+        pos_dim = -3  # [batch, pos, head, d]
+    else:
+        pos_dim = -2  # [batch, pos, d] and the query axis of [batch, head, q_pos, k_pos]
+    if pos_slice is not None and pos_dim is not None:
+        value = Slice.unwrap(pos_slice).apply(value, dim=pos_dim)
+    if remove_batch_dim:
+        if value.shape[0] != 1:
+            raise ValueError(f"remove_batch_dim needs a batch of one image, got {value.shape[0]} ({name})")
+        value = value[0]
+    return value
 
 
 def _unknown_hook_message(name: str, hook_dict: dict[str, HookPoint]) -> str:
