@@ -37,12 +37,13 @@ COMPONENT_HOOKS = {
     "mlp_out": "blocks.{layer}.hook_mlp_out",
 }
 
-DEFAULT_CONTEXT = "mean"
-"""Default neutral context (chosen on the `dev` split; see README)."""
+DEFAULT_CONTEXT = "blur"
+"""Default neutral context: a blurred copy of the source. Chosen on the `dev` split (README, "CAAP
+defaults"; experiments/caap_defaults.py): tied with grey on the pointing game, best on box energy."""
 
-DEFAULT_LAYER_FRACTIONS = (1 / 3, 2 / 3)
-"""Default layer range as fractions of the depth: blocks [round(a n), round(b n) - 1], e.g. blocks 4..7
-of 12 (the "mid" range). Chosen on the `dev` split; see README."""
+DEFAULT_LAYER_FRACTIONS = (2 / 3, 1)
+"""Default layer range as fractions of the depth: blocks [round(a n), round(b n) - 1], e.g. blocks 8..11
+of 12 (the "late" range). Chosen on the `dev` split: late > mid > early with the mean context."""
 
 
 def default_layers(n_layers: int) -> tuple[int, int]:
