@@ -1,0 +1,544 @@
+"""Benchmark: attribution methods x models x metrics on a manifest folder (default: the `heldout` split of
+the shared imagenet_val1300_boxes).
+
+    python experiments/benchmark.py --out results/benchmark                   # the reported table
+    python experiments/benchmark.py --estimate --out results/benchmark        # time a few images first
+    python experiments/benchmark.py --methods caap,rollout,rise --metrics insertion,deletion --limit 50
+
+Target: the TRUE class of every image (the `class_index` of the manifest), for every method and metric,
+whether or not the model predicts it (the CSV says whether it does: `predicted`, `correct`).
+
+Methods: "caap" is `CAAP(model)` with its defaults (`caap.attribution.caap`: `DEFAULT_CONTEXT`,
+`default_layers`, the residual stream, the logit_diff score; summary.md names them); every other name
+is a `caap.baselines` entry, with the cost settings of `method_settings` (documented there: RISE masks,
+IG steps, SmoothGrad samples).
+Metrics: every `caap.metrics` entry, with the step settings of `_common.metric_settings` (documented
+there). The cost of both is what `--estimate` measures and extrapolates to the full run.
+
+Outputs under `--out`:
+    per_image.csv      one row per image x method x model: a column per metric, the method's runtime
+                       per image (`runtime_s`, maps only; `metric_s`: its metrics), the prediction
+    summary.md         mean and 95% confidence interval (Student t) per method x metric, the direction
+                       of each metric in its header ("insertion ↑"); also printed
+    runtime.md         seconds per image per method (maps and metrics)
+    bar_<metric>.png   a bar chart per metric (mean, 95% CI); bars.html: all of them, interactive
+    examples_<model>.png   overlays: methods (rows) x the first `--grid-images` images (columns)
+    cache/             one file per (model, method, chunk of `--batch-size` images) of maps, and one of
+                       metric values: a second run skips every finished chunk (resumable)
+    estimate.md        with `--estimate`: the measured cost per method and per metric, extrapolated
+
+Speed (the reported table is 651 images on a 2-core CPU): images go in chunks of `--batch-size`; every
+forward pass is batched (`--forward-batch` rows); the clean logits of each image are computed once and
+shared by every method and metric; faithfulness metrics share the forward passes they can (see
+`_common.SharedPerturbation`) and use coarser steps than their papers (see `_common.metric_settings`).
+
+Measured cost (`--estimate 3`, ViT-Tiny, 2-core CPU shared with other jobs; "idle" = CPU seconds / 2
+threads, a lower bound for an idle machine; 1 plain forward pass = 47 CPU ms per image), for 651 images:
+
+    maps     caap 19 min (its default blocks 8-11, blur context; 37 min with blocks 4-7), occlusion
+             47 min, atman 61 min, rise (500 masks) 2.1 h, integrated_gradients (16 steps) 10 min,
+             smoothgrad (16 samples) 9 min, the seven others 19 min together;
+    metrics  79 forward passes per image and method: ~19 min per method, 4.1 h for 13 methods
+             (insertion, deletion, morf, lerf ~3.4 min each per method; the Chefer tests ~2.2 min;
+             the four localisation metrics ~9 s together);
+    total    ~9 h idle (~27 h at the load of the moment), so the default protocol (13 methods x 10
+             metrics) does not fit in an hour on this machine: choose with `--methods`, `--metrics`, `--steps`
+             and the cost flags, priced by `--estimate`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import inspect
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from _common import (  # noqa: E402
+    AOPC_STEPS,
+    STEPS,
+    OneLineParser,
+    SharedPerturbation,
+    UsageError,
+    arrow,
+    build_metrics,
+    evaluate_chunk,
+    fmt,
+    header,
+    input_frame_boxes,
+    load_cached_maps,
+    load_chunk,
+    markdown_table,
+    mean_ci,
+    metric_key,
+    positive,
+    run_main,
+    safe_name,
+    save_maps,
+    scores_for_chunk,
+    seconds_text,
+    split_list,
+)
+from caap import CAAP  # noqa: E402
+from caap.attribution import AttributionMethod  # noqa: E402
+from caap.attribution.caap import DEFAULT_CONTEXT, DEFAULT_LAYER_FRACTIONS, default_layers  # noqa: E402
+from caap.baselines import BASELINES, get_baseline  # noqa: E402
+from caap.data import DEFAULT_MODEL, VAL_BOXES, class_name, load_manifest, shared_data_dir  # noqa: E402
+from caap.metrics import METRICS, Metric  # noqa: E402
+from caap.models import load_model  # noqa: E402
+
+Tensor = torch.Tensor
+
+PROG = "benchmark"
+METHODS = ["caap", *BASELINES]
+
+RISE_MASKS = 500
+"""RISE: 500 masks instead of the paper's 4000 (Petsiuk et al. 2018, for ResNet-50). Each mask costs one
+forward pass per image: 4000 masks would take ~17 h for 651 images on an idle 2-core CPU, 500 take ~2.1 h
+(measured). The map is a Monte-Carlo average, so its noise grows as 1/sqrt(N): ~2.8x that of 4000 masks
+(how much that moves the metrics was not measured here; `--rise-masks` sets it)."""
+
+IG_STEPS = 16
+"""Integrated gradients: 16 Gauss-Legendre steps (Captum's default 50); a forward and a backward pass per
+step (~10 min for 651 images, idle). Gauss-Legendre quadrature of the smooth path integral needs far
+fewer points than a Riemann sum; `--ig-steps` sets it."""
+
+SMOOTHGRAD_SAMPLES = 16
+"""SmoothGrad: 16 noisy samples (the paper's 50); a forward and a backward pass per sample (~9 min for 651
+images, idle); the averaging noise grows as 1/sqrt(n). `--smoothgrad-samples` sets it."""
+
+
+def method_settings(args: Any) -> dict[str, dict[str, Any]]:
+    """Constructor settings per method: only the cost knobs differ from the classes' defaults (see the
+    constants above), plus the rows per forward pass and the seed."""
+    fb = args.forward_batch
+    return {
+        "caap": {},  # CAAP(model): its defaults, nothing else
+        "random": {"seed": args.seed},
+        "rise": {"n_masks": args.rise_masks, "seed": args.seed, "internal_batch_size": fb},
+        "integrated_gradients": {"n_steps": args.ig_steps, "internal_batch_size": fb},
+        "smoothgrad": {"n_samples": args.smoothgrad_samples, "seed": args.seed, "internal_batch_size": fb},
+        "occlusion": {"internal_batch_size": fb},
+        "atman": {"internal_batch_size": fb},
+    }
+
+
+def method_tag(name: str, args: Any) -> str:
+    """The method's cache folder: its name and a fingerprint of everything that changes its maps (the
+    class's constructor defaults, overridden by `method_settings`; for CAAP also its default layer
+    fractions), so a changed setting or default computes new maps instead of reusing stale ones."""
+    cls = CAAP if name == "caap" else BASELINES[name]
+    spec = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()
+            if v.default is not inspect.Parameter.empty}
+    spec.update(method_settings(args).get(name, {}))
+    spec = {k: v for k, v in spec.items() if k not in ("internal_batch_size", "batch_size", "progress")}
+    if name == "caap":
+        spec["default_layer_fractions"] = DEFAULT_LAYER_FRACTIONS
+    digest = hashlib.sha1(json.dumps(spec, sort_keys=True, default=repr).encode()).hexdigest()[:8]
+    return f"{name}-{digest}"
+
+
+def make_method(name: str, model: Any, args: Any) -> AttributionMethod:
+    kw = method_settings(args).get(name, {})
+    return CAAP(model, **kw) if name == "caap" else get_baseline(name, model, **kw)
+
+
+def parse_args(argv: list[str] | None) -> Any:
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=None, help="manifest folder (default: the shared imagenet_val1300_boxes)")
+    p.add_argument("--out", default="results/benchmark", help="output folder (default results/benchmark)")
+    p.add_argument("--split", default="heldout", help="manifest split (default heldout)")
+    p.add_argument("--limit", type=positive, default=None, help="first N images of the split (default all)")
+    p.add_argument("--methods", default=None, help=f"comma list (default all): {', '.join(METHODS)}")
+    p.add_argument("--metrics", default=None, help=f"comma list (default all): {', '.join(METRICS)}")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="timm model name(s), comma list")
+    p.add_argument("--checkpoint", default=None,
+                   help="weights file(s), comma list matching --model (default $CAAP_CHECKPOINT_DIR/<name>.pth)")
+    p.add_argument("--batch-size", type=positive, default=16,
+                   help="images per chunk: one attribution call and one cache file per method (default 16)")
+    p.add_argument("--forward-batch", type=positive, default=64, help="rows per forward pass (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random, RISE and SmoothGrad (default 0)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--steps", type=positive, default=STEPS, help=f"insertion/deletion steps (default {STEPS})")
+    p.add_argument("--aopc-steps", type=positive, default=AOPC_STEPS,
+                   help=f"MoRF/LeRF single-patch steps (default {AOPC_STEPS})")
+    p.add_argument("--rise-masks", type=positive, default=RISE_MASKS, help=f"RISE masks (default {RISE_MASKS})")
+    p.add_argument("--ig-steps", type=positive, default=IG_STEPS, help=f"IG steps (default {IG_STEPS})")
+    p.add_argument("--smoothgrad-samples", type=positive, default=SMOOTHGRAD_SAMPLES,
+                   help=f"SmoothGrad samples (default {SMOOTHGRAD_SAMPLES})")
+    p.add_argument("--grid-images", type=int, default=4, help="images in the overlay grid (default 4; 0: none)")
+    p.add_argument("--estimate", type=positive, nargs="?", const=4, default=None, metavar="N",
+                   help="time N images (default 4) per method and metric, extrapolate the full run, and stop")
+    return p.parse_args(argv)
+
+
+def resolve_inputs(args: Any) -> tuple[list[str], dict[str, Metric], list[Any], list[tuple[str, str | None]]]:
+    methods = split_list(args.methods, METHODS, "method", METHODS)
+    metric_names = split_list(args.metrics, list(METRICS), "metric", list(METRICS))
+    metrics = build_metrics(metric_names, args.forward_batch, args.steps, args.aopc_steps)
+    data = Path(args.data) if args.data else shared_data_dir(VAL_BOXES)
+    if data is None:
+        raise UsageError("no data folder: pass --data DIR or set CAAP_SHARED_DIR to the shared folder")
+    if not data.is_dir():
+        raise UsageError(f"data folder not found: {data}")
+    samples = load_manifest(data, split=args.split, limit=args.limit)
+    if not samples:
+        raise UsageError(f"no images in split {args.split!r} of {data}")
+    names = [m.strip() for m in args.model.split(",") if m.strip()]
+    ckpts: list[str | None] = [None] * len(names)
+    if args.checkpoint:
+        ckpts = [c.strip() for c in args.checkpoint.split(",")]
+    if len(ckpts) != len(names):
+        raise UsageError(f"--checkpoint names {len(ckpts)} files for {len(names)} models")
+    return methods, metrics, samples, list(zip(names, ckpts))
+
+
+def open_model(name: str, checkpoint: str | None, device: str) -> Any:
+    try:
+        model = load_model(name, checkpoint, device=device)
+    except (RuntimeError, OSError) as e:
+        raise UsageError(f"could not load model {name!r}: {e}") from e
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def run_model(model: Any, name: str, methods: list[str], metrics: dict[str, Metric], samples: list[Any],
+              args: Any, out: Path) -> tuple[list[dict[str, Any]], dict[str, Tensor]]:
+    """Per-image rows for one model, and the first images' maps per method (for the overlay grid)."""
+    cache = out / "cache" / safe_name(name)
+    objects: dict[str, AttributionMethod] = {}
+    rows: list[dict[str, Any]] = []
+    grid_maps: dict[str, Any] = {}
+    starts = list(range(0, len(samples), args.batch_size))
+    bar = tqdm(total=len(starts) * len(methods), desc=name.split(".")[0], unit="chunk")
+    for ci, start in enumerate(starts):
+        chunk = load_chunk(model, samples[start : start + args.batch_size], ci, start)
+        clean = clean_logits(model, chunk, cache / "clean" / f"{args.split}_{chunk.tag}.npz", args.forward_batch)
+        probs = clean.softmax(-1)
+        shared: list[SharedPerturbation] = []
+
+        def get_shared() -> SharedPerturbation:
+            if not shared:
+                shared.append(SharedPerturbation(model, chunk.pixels, chunk.targets, clean, args.forward_batch))
+            return shared[0]
+
+        for method in methods:
+            bar.set_postfix_str(f"{method} images {chunk.tag}")
+            tag = method_tag(method, args)
+            path = cache / "maps" / tag / f"{args.split}_{chunk.tag}.npz"
+            hit = load_cached_maps(path, chunk.files)
+            if hit is None:
+                if method not in objects:
+                    objects[method] = make_method(method, model, args)
+                t0 = time.perf_counter()
+                maps = objects[method].attribute(chunk.pixels, target=chunk.targets).detach().float().cpu()
+                seconds = time.perf_counter() - t0
+                save_maps(path, maps, chunk.files, seconds)
+            else:
+                maps, seconds = hit
+            values, metric_seconds = scores_for_chunk(
+                cache / "scores" / tag / f"{args.split}_{chunk.tag}.json", chunk, maps, metrics, get_shared
+            )
+            have = grid_maps.get(method)
+            if args.grid_images > 0 and (have is None or len(have) < args.grid_images):
+                more = maps[: args.grid_images - (0 if have is None else len(have))]
+                grid_maps[method] = more if have is None else torch.cat([have, more])
+            n = len(chunk.samples)
+            for j, s in enumerate(chunk.samples):
+                t = int(chunk.targets[j])
+                rows.append({
+                    "model": name, "method": method, "split": args.split, "image": s.name, "class_index": s.class_index,
+                    "class_name": class_name(s.class_index), "predicted": int(clean[j].argmax()),
+                    "correct": int(int(clean[j].argmax()) == t), "target_prob": float(probs[j, t]),
+                    "runtime_s": seconds / n, "metric_s": metric_seconds / n,
+                    **{m: float(values[m][j]) for m in metrics},
+                })
+            bar.update(1)
+    bar.close()
+    return rows, grid_maps
+
+
+def clean_logits(model: Any, chunk: Any, path: Path, batch: int) -> Tensor:
+    """The unperturbed logits of a chunk's images, once (cached with the maps)."""
+    hit = load_cached_maps(path, chunk.files)
+    if hit is not None:
+        return hit[0].to(chunk.pixels.device)
+    with torch.inference_mode():
+        logits = torch.cat([model(chunk.pixels[i : i + batch]) for i in range(0, len(chunk.samples), batch)])
+    save_maps(path, logits.float().cpu(), chunk.files, 0.0)
+    return logits.float()
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def summary_table(rows: list[dict[str, Any]], methods: list[str], metrics: dict[str, Metric], model: str) -> str:
+    """Markdown: a row per method, a column per metric ("name ↑/↓"), mean ± 95% CI; best in bold."""
+    stats = {(me, mt): mean_ci([r[mt] for r in rows if r["method"] == me and r["model"] == model])
+             for me in methods for mt in metrics}
+    best = {}
+    for mt, m in metrics.items():
+        means = [stats[(me, mt)][0] for me in methods if not np.isnan(stats[(me, mt)][0])]
+        if means:
+            best[mt] = max(means) if m.higher_is_better else min(means)
+    body = []
+    for me in methods:
+        cells = []
+        for mt in metrics:
+            mean, half, _ = stats[(me, mt)]
+            text = fmt(mean, half)
+            cells.append(f"**{text}**" if len(methods) > 1 and mean == best.get(mt) else text)
+        body.append([me, *cells])
+    return markdown_table(["method", *(header(mt, m) for mt, m in metrics.items())], body)
+
+
+def write_outputs(rows: list[dict[str, Any]], grids: dict[str, Any], models: list[Any], methods: list[str],
+                  metrics: dict[str, Metric], samples: list[Any], args: Any, out: Path,
+                  settings: dict[str, Any]) -> str:
+    import pandas as pd
+
+    from caap.plots import bar_chart, save_bar_png, save_grid_png, save_html
+
+    write_csv(rows, out / "per_image.csv")
+    (out / "settings.json").write_text(json.dumps({
+        "split": args.split, "images": [s.name for s in samples], "target": "true class",
+        "metrics": {k: metric_key(v) for k, v in metrics.items()},
+        "methods": {k: v for k, v in settings.items() if k in methods},
+        "caap_defaults": caap_defaults_text(models)}, indent=1) + "\n")
+    n = len(samples)
+    parts = [f"# Benchmark: {n} images of the `{args.split}` split, target = the true class", ""]
+    for name, _ in models:
+        parts += [f"## {name}", "", summary_table(rows, methods, metrics, name), ""]
+    parts += [
+        "Mean ± half-width of the 95% confidence interval (Student t) over images; ↑ higher is better, "
+        "↓ lower is better; bold: the best mean of a column. Undefined values (e.g. no positive mass for box "
+        "energy) are left out of the mean.",
+        "",
+        "Metric settings: " + "; ".join(f"`{metric_key(v)}`" for v in metrics.values()),
+        "",
+        "Method settings: " + "; ".join(f"{k}: `{v}`" for k, v in settings.items() if k in methods),
+        "",
+        *([f"CAAP's defaults: {caap_defaults_text(models)}.", ""] if "caap" in methods else []),
+        "Command: `python experiments/benchmark.py " + " ".join(command_flags(args)) + "`",
+    ]
+    summary = "\n".join(parts) + "\n"
+    (out / "summary.md").write_text(summary)
+
+    lines = [f"# Runtime per image ({n} images, `{args.split}`, device {args.device}, "
+             f"chunks of {args.batch_size} images, {args.forward_batch} rows per forward pass)", ""]
+    for name, _ in models:
+        body = []
+        for me in methods:
+            rs = [r for r in rows if r["method"] == me and r["model"] == name]
+            maps_s = float(np.mean([r["runtime_s"] for r in rs]))
+            metric_s = float(np.mean([r["metric_s"] for r in rs]))
+            body.append([me, f"{maps_s:.3f}", f"{metric_s:.3f}", seconds_text((maps_s + metric_s) * len(rs))])
+        lines += [f"## {name}", "", markdown_table(
+            ["method", "maps (s / image)", "metrics (s / image)", "whole run"], body), ""]
+    lines.append("Maps: the attribution call alone (a chunk's time / its images), as first computed (cached "
+                 "chunks keep the time they took). Metrics: all metrics of the method, sharing forward passes.")
+    (out / "runtime.md").write_text("\n".join(lines) + "\n")
+
+    df = pd.DataFrame(rows)
+    color = "model" if len(models) > 1 else None
+    for mt, m in metrics.items():
+        save_bar_png(df, mt, out / f"bar_{mt}.png", x="method", color=color, higher_is_better=m.higher_is_better,
+                     title=f"{header(mt, m)} ({n} images, {args.split})")
+    save_html(bars_figure(df, metrics, color, bar_chart, n, args.split), out / "bars.html")
+    for name, model in models:
+        if args.grid_images > 0 and grids.get(name):
+            k = min(args.grid_images, n)
+            g = grids[name]
+            px = model.preprocess([s.path for s in samples[:k]]).cpu()
+            boxes = [input_frame_boxes(s, model.data_config) for s in samples[:k]]
+            save_grid_png(
+                [px[j] for _ in methods for j in range(k)], [g[me][j] for me in methods for j in range(k)], None,
+                out / f"examples_{safe_name(name)}.png", ncols=k, row_titles=methods,
+                col_titles=[class_name(s.class_index) for s in samples[:k]], data_config=model.data_config,
+                boxes=[boxes[j] for _ in methods for j in range(k)],
+                title=f"{name}: maps for the true class (green: boxes)",
+            )
+    return summary
+
+
+def caap_defaults_text(models: list[Any]) -> str:
+    """What `CAAP(model)` ran with: its default context and layer range (inclusive blocks) per model."""
+    parts = []
+    for name, model in models:
+        a, b = default_layers(model.cfg.n_layers)
+        parts.append(f"{name}: context {DEFAULT_CONTEXT!r}, blocks {a}-{b} of {model.cfg.n_layers}, resid, logit_diff")
+    return "; ".join(parts)
+
+
+def bars_figure(df: Any, metrics: dict[str, Metric], color: str | None, bar_chart: Any, n: int, split: str) -> Any:
+    """One interactive figure: a bar chart per metric, stacked."""
+    from plotly.subplots import make_subplots
+
+    names = list(metrics)
+    fig = make_subplots(rows=len(names), cols=1, subplot_titles=[header(mt, metrics[mt]) for mt in names],
+                        vertical_spacing=min(0.08, 0.3 / max(1, len(names))))
+    for i, mt in enumerate(names, start=1):
+        sub = bar_chart(df, mt, x="method", color=color, higher_is_better=metrics[mt].higher_is_better)
+        for trace in sub.data:
+            trace.showlegend = color is not None and i == 1
+            fig.add_trace(trace, row=i, col=1)
+        fig.update_yaxes(title_text=f"{mt} {arrow(metrics[mt])}", row=i, col=1)
+    fig.update_layout(height=320 * len(names), title=f"Benchmark: {n} images of the {split} split (95% CI)",
+                      template="plotly_white", barmode="group")
+    return fig
+
+
+def command_flags(args: Any) -> list[str]:
+    flags = []
+    for key in ("split", "limit", "methods", "metrics", "model", "batch_size", "steps", "aopc_steps",
+                "rise_masks", "ig_steps", "smoothgrad_samples", "seed"):
+        v = getattr(args, key)
+        if v is not None:
+            flags.append(f"--{key.replace('_', '-')} {v}")
+    return flags
+
+
+# ---------------------------------------------------------------------------------------------- estimate
+def _timed(fn: Any) -> tuple[Any, float, float]:
+    """(result, wall seconds, CPU seconds of this process over all its threads)."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    r = fn()
+    return r, time.perf_counter() - w0, time.process_time() - c0
+
+
+def estimate(model: Any, name: str, methods: list[str], metrics: dict[str, Metric], samples: list[Any],
+             args: Any, out: Path) -> str:
+    """Time `args.estimate` images per method and per metric and extrapolate to `len(samples)` images.
+
+    The machine is shared, so wall time says little about an idle run. Three numbers per item: wall
+    seconds now; CPU seconds (this process, all threads), which other jobs barely change, and from which
+    the idle-machine time is estimated as CPU seconds / threads (a lower bound: it assumes both threads
+    busy all the time); and "passes", the cost in plain forward passes per image (CPU seconds over
+    those of one plain forward pass, measured here at `--forward-batch` rows), a machine-independent
+    unit."""
+    k = min(args.estimate, len(samples))
+    chunk = load_chunk(model, samples[:k], 0, 0)
+    fb = args.forward_batch
+    threads = torch.get_num_threads() if chunk.pixels.device.type == "cpu" else 1
+    x = chunk.pixels.repeat((fb + k - 1) // k, 1, 1, 1)[:fb]
+    with torch.inference_mode():
+        model(x[:2])
+        _, wall, cpu = _timed(lambda: model(x))
+        clean = model(chunk.pixels).float()
+    cpu_pass = cpu / fb if chunk.pixels.device.type == "cpu" else wall / fb
+    throughput = fb / wall
+    n, nm = len(samples), len(methods)
+    print(f"estimate: {name}, {k} images timed, extrapolated to {n}; plain forward pass: {throughput:.1f} images/s "
+          f"now, {cpu_pass * 1000:.0f} CPU ms each ({threads} threads)", flush=True)
+
+    def cost(wall: float, cpu: float, times: int) -> list[str]:
+        cpu = cpu if chunk.pixels.device.type == "cpu" else wall
+        return [f"{wall / k:.3f}", f"{cpu / k:.3f}", f"{cpu / k / cpu_pass:.0f}",
+                seconds_text(wall / k * times), seconds_text(cpu / k / threads * times)]
+
+    rows_m, rows_t = [], []
+    total_now = total_idle = 0.0
+    maps = None
+    for me in methods:
+        obj = make_method(me, model, args)
+        m, wall, cpu = _timed(lambda: obj.attribute(chunk.pixels, target=chunk.targets).detach().float().cpu())
+        maps = m if maps is None else maps
+        rows_m.append([me, *cost(wall, cpu, n)])
+        total_now, total_idle = total_now + wall / k * n, total_idle + cpu / k / threads * n
+        print("  " + " | ".join(rows_m[-1]), flush=True)
+    for mt, m in metrics.items():
+        sp = SharedPerturbation(model, chunk.pixels, chunk.targets, clean, fb)
+        if m.kind == "faithfulness":
+            sp._substrate(m)  # the fully perturbed image: once per image, not per method
+        _, wall, cpu = _timed(lambda: evaluate_chunk(sp, maps, {mt: m}, chunk.masks))
+        rows_t.append([header(mt, m), *cost(wall, cpu, n * nm)])
+        print("  " + " | ".join(rows_t[-1]), flush=True)
+    sp = SharedPerturbation(model, chunk.pixels, chunk.targets, clean, fb)
+    for m in metrics.values():
+        if m.kind == "faithfulness":
+            sp._substrate(m)
+    before = sp.forwards
+    _, wall, cpu = _timed(lambda: evaluate_chunk(sp, maps, metrics, chunk.masks))
+    shared = cost(wall, cpu, n * nm)
+    total_now, total_idle = total_now + wall / k * n * nm, total_idle + cpu / k / threads * n * nm
+    cols = ["s / image now", "CPU s / image", "passes / image"]
+    text = "\n".join([
+        f"# Cost estimate: {name}, {n} images of `{args.split}`, {nm} methods, {len(metrics)} metrics",
+        "",
+        f"Measured on {k} images, device {args.device}, {threads} threads; a plain forward pass now: "
+        f"{throughput:.1f} images/s, {cpu_pass * 1000:.0f} CPU ms per image. 'now': wall time at this moment's "
+        f"load; 'idle': CPU seconds / {threads} threads, the time on an idle machine (a lower bound); "
+        "'passes': the cost in plain forward passes per image, independent of the machine.",
+        "",
+        "## Maps (per method)",
+        "",
+        markdown_table(["method", *cols, f"{n} images now", "idle"], rows_m),
+        "",
+        "## Metrics (each alone, per image and method; the cost does not depend on the map)",
+        "",
+        markdown_table(["metric", *cols, f"{n} images x {nm} methods now", "idle"], rows_t),
+        "",
+        f"All metrics together, sharing forward passes ({(sp.forwards - before) / k:.0f} forward passes per image "
+        f"and method): {shared[0]} s / image now, {shared[1]} CPU s, {shared[2]} passes; {shared[3]} now, "
+        f"{shared[4]} idle for the run.",
+        "",
+        f"**Whole run: {seconds_text(total_now)} at this moment's load, about {seconds_text(total_idle)} on an "
+        f"idle machine.**",
+        "",
+        "Settings: " + " ".join(command_flags(args)),
+    ])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "estimate.md").write_text(text + "\n")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- main
+def _main(argv: list[str] | None) -> int:
+    args = parse_args(argv)
+    methods, metrics, samples, model_specs = resolve_inputs(args)
+    if args.grid_images < 0:
+        raise UsageError("--grid-images must be >= 0")
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {me: method_settings(args).get(me, {}) for me in methods}
+    if args.estimate:
+        for name, ckpt in model_specs:
+            text = estimate(open_model(name, ckpt, args.device), name, methods, metrics, samples, args, out)
+            print()
+            print(text)
+        return 0
+    rows, grids, models = [], {}, []
+    for name, ckpt in model_specs:
+        model = open_model(name, ckpt, args.device)
+        r, g = run_model(model, name, methods, metrics, samples, args, out)
+        rows += r
+        grids[name] = g
+        models.append((name, model))
+    summary = write_outputs(rows, grids, models, methods, metrics, samples, args, out, settings)
+    print()
+    print(summary)
+    print(f"Wrote {out / 'per_image.csv'}, summary.md, runtime.md, bar_*.png, bars.html, examples_*.png")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(PROG, lambda: _main(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
