@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from caap.data import Sample, box_mask, sample_mask
+from caap.data import VAL_BOXES, Sample, box_mask, load_manifest, sample_mask, shared_data_dir
 from caap.metrics import METRICS, Metric, PerturbationCurve, PerturbationMetric, get_metric, make_substrate, unit_ranks
 from caap.metrics.base import as_map_batch, grid_for, resolve_patch_size
 from caap.plots import summarize
@@ -64,6 +64,19 @@ def split_list(text: str | None, accepted: Sequence[str], what: str, default: Se
     if not names:
         raise UsageError(f"--{what}s is empty")
     return list(dict.fromkeys(names))
+
+
+def load_samples(data: str | None, split: str | None, limit: int | None) -> tuple[Path, list[Sample]]:
+    """The manifest folder (default: the shared imagenet_val1300_boxes) and its samples, or a UsageError."""
+    folder = Path(data) if data else shared_data_dir(VAL_BOXES)
+    if folder is None:
+        raise UsageError("no data folder: pass --data DIR or set CAAP_SHARED_DIR to the shared folder")
+    if not folder.is_dir():
+        raise UsageError(f"data folder not found: {folder}")
+    samples = load_manifest(folder, split=split, limit=limit)
+    if not samples:
+        raise UsageError(f"no images in split {split!r} of {folder}")
+    return folder, samples
 
 
 def positive(value: str) -> int:

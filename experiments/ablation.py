@@ -62,6 +62,7 @@ from _common import (  # noqa: E402
     header,
     load_cached_maps,
     load_chunk,
+    load_samples,
     markdown_table,
     mean_ci,
     positive,
@@ -77,7 +78,7 @@ from caap import CAAP  # noqa: E402
 from caap.attribution.caap import COMPONENT_HOOKS, DEFAULT_CONTEXT, default_layers  # noqa: E402
 from caap.baselines import BASELINES, get_baseline  # noqa: E402
 from caap.contexts import CONTEXT_NAMES, get_context  # noqa: E402
-from caap.data import DEFAULT_MODEL, VAL_BOXES, load_manifest, shared_data_dir  # noqa: E402
+from caap.data import DEFAULT_MODEL  # noqa: E402
 from caap.metrics import METRICS, Metric  # noqa: E402
 from caap.models import load_model  # noqa: E402
 from benchmark import IG_STEPS, RISE_MASKS, SMOOTHGRAD_SAMPLES, method_settings  # noqa: E402
@@ -201,14 +202,7 @@ def _main(argv: list[str] | None) -> int:
     metric_names = split_list(args.metrics, list(METRICS), "metric", list(METRICS))
     metrics = build_metrics(metric_names, args.forward_batch, args.steps, args.aopc_steps)
     baselines = [] if args.baselines_csv else split_list(args.baselines, list(BASELINES), "baseline", CHEAP_BASELINES)
-    data = Path(args.data) if args.data else shared_data_dir(VAL_BOXES)
-    if data is None:
-        raise UsageError("no data folder: pass --data DIR or set CAAP_SHARED_DIR to the shared folder")
-    if not data.is_dir():
-        raise UsageError(f"data folder not found: {data}")
-    samples = load_manifest(data, split=args.split, limit=args.limit)
-    if not samples:
-        raise UsageError(f"no images in split {args.split!r} of {data}")
+    _, samples = load_samples(args.data, args.split, args.limit)
     torch.manual_seed(args.seed)
     try:
         model = load_model(args.model, args.checkpoint, device=args.device).eval()

@@ -77,6 +77,7 @@ from _common import (  # noqa: E402
     input_frame_boxes,
     load_cached_maps,
     load_chunk,
+    load_samples,
     markdown_table,
     mean_ci,
     metric_key,
@@ -92,7 +93,7 @@ from caap import CAAP  # noqa: E402
 from caap.attribution import AttributionMethod  # noqa: E402
 from caap.attribution.caap import DEFAULT_CONTEXT, DEFAULT_LAYER_FRACTIONS, default_layers  # noqa: E402
 from caap.baselines import BASELINES, get_baseline  # noqa: E402
-from caap.data import DEFAULT_MODEL, VAL_BOXES, class_name, load_manifest, shared_data_dir  # noqa: E402
+from caap.data import DEFAULT_MODEL, class_name  # noqa: E402
 from caap.metrics import METRICS, Metric  # noqa: E402
 from caap.models import load_model  # noqa: E402
 
@@ -185,14 +186,7 @@ def resolve_inputs(args: Any) -> tuple[list[str], dict[str, Metric], list[Any], 
     methods = split_list(args.methods, METHODS, "method", METHODS)
     metric_names = split_list(args.metrics, list(METRICS), "metric", list(METRICS))
     metrics = build_metrics(metric_names, args.forward_batch, args.steps, args.aopc_steps)
-    data = Path(args.data) if args.data else shared_data_dir(VAL_BOXES)
-    if data is None:
-        raise UsageError("no data folder: pass --data DIR or set CAAP_SHARED_DIR to the shared folder")
-    if not data.is_dir():
-        raise UsageError(f"data folder not found: {data}")
-    samples = load_manifest(data, split=args.split, limit=args.limit)
-    if not samples:
-        raise UsageError(f"no images in split {args.split!r} of {data}")
+    _, samples = load_samples(args.data, args.split, args.limit)
     names = [m.strip() for m in args.model.split(",") if m.strip()]
     ckpts: list[str | None] = [None] * len(names)
     if args.checkpoint:
