@@ -574,9 +574,7 @@ def save_heatmap_png(
             setter(range(n_ticks), [str(x) for x in labels])
     if annotate if annotate is not None else r * c <= 400:
         for (i, j), val in np.ndenumerate(v):
-            shade = float(im.norm(val))  # dark cells get white text
-            dark = abs(shade - 0.5) > 0.3 if center is not None else shade < 0.45
-            ax.text(j, i, f"{val:.2g}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
+            ax.text(j, i, f"{val:.2g}", ha="center", va="center", fontsize=7, color=_text_colour(im.cmap(im.norm(val))))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
@@ -586,6 +584,12 @@ def save_heatmap_png(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def _text_colour(rgba: Any) -> str:
+    """White text on a dark cell, black on a light one (by the cell colour's luminance, any colour map)."""
+    r, g, b = rgba[:3]
+    return "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
 
 
 # ----------------------------------------------------------------------------- benchmark summaries

@@ -179,6 +179,23 @@ class Attention(nn.Module):
         out = self.proj(z.reshape(b, n, self.n_heads * self.d_head))
         return out * self.ls_gamma if self.ls_gamma is not None else out
 
+    def forward_queries(self, x: Float[Tensor, "batch pos d_model"], queries: list[int]
+                        ) -> Float[Tensor, "batch query d_model"]:
+        """The output at the query tokens `queries` only, every token still a key and a value. Fires
+        `hook_k` and `hook_v` (full shapes) and no other hook point: the caller checks those are unhooked."""
+        b, n, _ = x.shape
+        h, dh = self.n_heads, self.d_head
+        w, bias = self.qkv.weight, self.qkv.bias
+        kv = F.linear(x, w[h * dh :], None if bias is None else bias[h * dh :]).view(b, n, 2, h, dh)
+        k, v = kv.unbind(2)
+        q = F.linear(x[:, queries], w[: h * dh], None if bias is None else bias[: h * dh]).view(b, len(queries), h, dh)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        k, v = self.hook_k(k), self.hook_v(v)
+        z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = self.proj(z.transpose(1, 2).reshape(b, len(queries), h * dh))
+        return out * self.ls_gamma if self.ls_gamma is not None else out
+
 
 class MLP(nn.Module):
     """fc1 -> activation -> fc2 (LayerScale folded into the output, as in Attention)."""
@@ -238,3 +255,17 @@ class TransformerBlock(nn.Module):
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
         return self.hook_resid_post(resid_mid + mlp_out)
+
+    def forward_tokens(self, resid_pre: Float[Tensor, "batch pos d_model"], tokens: list[int]
+                       ) -> Float[Tensor, "batch token d_model"]:
+        """The block's output at `tokens` only: what a last block computes when the head reads only
+        those tokens (class-token pooling). Every token still enters attention as a key and a value, so
+        the result equals `forward(resid_pre)[:, tokens]` (up to float rounding). Fires the hook points
+        that see every token (`tokens_only_hooks`) and no other: the caller checks the rest are unhooked."""
+        resid_pre = self.hook_resid_pre(resid_pre)
+        resid_mid = resid_pre[:, tokens] + self.attn.forward_queries(self.ln1(resid_pre), tokens)
+        return resid_mid + self.mlp(self.ln2(resid_mid))
+
+    def tokens_only_hooks(self) -> list[HookPoint]:
+        """The hook points `forward_tokens` fires, with the same shapes as `forward`."""
+        return [self.hook_resid_pre, self.ln1.hook_scale, self.ln1.hook_normalized, self.attn.hook_k, self.attn.hook_v]

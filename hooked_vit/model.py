@@ -77,6 +77,7 @@ class HookedViT(HookedRootModule):
         self.hook_embed = HookPoint()  # [batch, n_patches, d_model]
         self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
         self.hook_pooled = HookPoint()  # [batch, d_model] ([batch, 2, d_model] when distilled)
+        self._tail_hook_points: list[HookPoint] | None = None  # see _head_tokens
         self.setup()
 
     # ------------------------------------------------------------------ loading
@@ -202,10 +203,12 @@ class HookedViT(HookedRootModule):
             pos = torch.cat([pos.new_zeros(1, cfg.n_prefix_tokens, cfg.d_model), pos], dim=1)
         return pos
 
-    def head_forward(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch n_classes"]:
-        """The residual stream after the last block -> logits (final norm, pooling, head)."""
+    def head_forward(self, resid: Float[Tensor, "batch pos d_model"], tokens_only: bool = False
+                     ) -> Float[Tensor, "batch n_classes"]:
+        """The residual stream after the last block -> logits (final norm, pooling, head).
+        `tokens_only`: `resid` holds just the pooled token(s) (see `forward`)."""
         x = self.ln_final(resid) if self.ln_final is not None else resid
-        pooled = self.hook_pooled(self.pool(x))
+        pooled = self.hook_pooled((x[:, 0] if x.shape[1] == 1 else x) if tokens_only else self.pool(x))
         if self.fc_norm is not None:
             pooled = self.fc_norm(pooled)
         if self.head is None:
@@ -259,11 +262,33 @@ class HookedViT(HookedRootModule):
                     f"with start_at_layer, input must be the residual stream [batch, pos, {self.cfg.d_model}], got {shape}"
                 )
             resid = input
-        for block in self.blocks[start:stop]:
+        tokens = self._head_tokens() if stop_at_layer is None and start < n else None
+        if tokens is None:
+            for block in self.blocks[start:stop]:
+                resid = block(resid)
+            return resid if stop_at_layer is not None else self.head_forward(resid)
+        for block in self.blocks[start : n - 1]:
             resid = block(resid)
-        if stop_at_layer is not None:
-            return resid
-        return self.head_forward(resid)
+        return self.head_forward(self.blocks[-1].forward_tokens(resid, tokens), tokens_only=True)
+
+    def _head_tokens(self) -> list[int] | None:
+        """The tokens the head reads when it reads only prefix tokens (class-token pooling; class and
+        distillation token for DeiT distilled) and nothing observes the other tokens of the last block:
+        then the last block is computed for those tokens alone (their attention over every token is
+        unchanged). None when every token is needed: another pooling, per-head results, or a hook on a
+        last-block activation other than `TransformerBlock.tokens_only_hooks` or on the final norm."""
+        cfg = self.cfg
+        if cfg.pooling != "token" and not cfg.distilled or cfg.use_attn_result:
+            return None
+        if self._tail_hook_points is None:
+            last = self.blocks[-1]
+            free = {id(h) for h in last.tokens_only_hooks()}
+            self._tail_hook_points = [m for m in last.modules() if isinstance(m, HookPoint) and id(m) not in free]
+            if self.ln_final is not None:
+                self._tail_hook_points += [self.ln_final.hook_scale, self.ln_final.hook_normalized]
+        if any(h._forward_hooks or h._backward_hooks for h in self._tail_hook_points):
+            return None
+        return [0, cfg.n_prefix_tokens - 1] if cfg.distilled else [0]
 
     def _layer_index(self, layer: int, name: str, allow_end: bool = False) -> int:
         n = self.cfg.n_layers

@@ -331,6 +331,76 @@ def test_use_attn_result_gives_the_same_logits(tiny_model, pixels):
     torch.testing.assert_close(fast_per_head, plain, atol=1e-5, rtol=0)
 
 
+# the last block at the pooled token(s) only: (variant, the tokens the head reads, or None: every token)
+POOLED_TOKENS = {
+    "class_token": ("vit_small_patch16_224", SMALL, [0]),
+    "clip_prenorm": (*VARIANTS["clip_prenorm"], [0]),
+    "deit_distilled": (*VARIANTS["deit_distilled"], [0, 1]),
+    "deit3_qk_norm": (*VARIANTS["deit3_qk_norm"], [0]),
+    "registers_gap_fc_norm": (*VARIANTS["registers_gap_fc_norm"], None),
+}
+
+
+@pytest.mark.parametrize("variant", POOLED_TOKENS)
+def test_last_block_at_the_pooled_tokens_equals_the_full_block(hooked_pair, pixels, variant, monkeypatch):
+    name, kwargs, tokens = POOLED_TOKENS[variant]
+    model = hooked_pair(name, **kwargs)[1]
+    x = pixels(model)
+    calls = []
+    original = hooked_vit.model.TransformerBlock.forward_tokens
+    monkeypatch.setattr(hooked_vit.model.TransformerBlock, "forward_tokens",
+                        lambda self, r, t: calls.append(t) or original(self, r, t))
+    last = model.cfg.n_layers - 1
+    with torch.no_grad():
+        fast = model(x)
+        assert calls == ([tokens] if tokens else [])
+        # a do-nothing hook on an activation of the other tokens forces the full last block
+        with model.hooks(fwd_hooks=[(f"blocks.{last}.hook_resid_post", lambda t, hook: None)]):
+            full = model(x)
+        assert len(calls) == (1 if tokens else 0)
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=0)
+    # gradients through the short last block are the full block's
+    xg = x.clone().requires_grad_(True)
+    model(xg)[:, 0].sum().backward()
+    fast_grad = xg.grad
+    xg = x.clone().requires_grad_(True)
+    with model.hooks(fwd_hooks=[(f"blocks.{last}.mlp.hook_post", lambda t, hook: None)]):
+        model(xg)[:, 0].sum().backward()
+    torch.testing.assert_close(fast_grad, xg.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_hooks_the_short_last_block_fires_see_every_token(small_model, pixels):
+    """hook_resid_pre, ln1 and the keys and values of the last block keep the short path and their
+    full shapes; an edit there changes the logits exactly as in the full block."""
+    x = pixels(small_model)
+    last = small_model.cfg.n_layers - 1
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def roll(t, hook):  # move every token's activation to the next token, and amplify it
+        shapes[hook.name] = tuple(t.shape)
+        return 10 * t.roll(1, dims=1)
+
+    names = [f"blocks.{last}.hook_resid_pre", f"blocks.{last}.ln1.hook_normalized",
+             f"blocks.{last}.attn.hook_k", f"blocks.{last}.attn.hook_v"]
+    with torch.no_grad():
+        _, cache = small_model.run_with_cache(x, names_filter="hook_pooled")
+    clean = cache["hook_pooled"]
+    for hook_name in names:
+        pooled = {}
+        keep = ("hook_pooled", lambda t, hook: pooled.__setitem__(len(pooled), t))
+        with torch.no_grad(), small_model.hooks(fwd_hooks=[(hook_name, roll), keep]):
+            assert small_model._head_tokens() == [0]
+            short_logits = small_model(x)
+            with small_model.hooks(fwd_hooks=[(f"blocks.{last}.hook_mlp_out", lambda t, hook: None)]):
+                assert small_model._head_tokens() is None
+                full_logits = small_model(x)
+        assert shapes[hook_name][:2] == (2, small_model.cfg.n_ctx)
+        short, full = pooled[0], pooled[1]
+        assert (short - clean).abs().max() > 1e-3, hook_name  # the edit changed the pooled token
+        torch.testing.assert_close(short, full, atol=1e-5, rtol=0)
+        torch.testing.assert_close(short_logits, full_logits, atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------- errors
 def test_unknown_hook_name_is_a_clear_error(small_model, pixels):
     x = pixels(small_model)

@@ -69,7 +69,8 @@ class CAAP(AttributionMethod):
             paper's target-class score shifted by one constant per image, so every ranking-based
             metric is unchanged; the shift gives the sign a meaning (positive = the patch adds
             evidence), which metrics on positive mass (box energy) need.
-        batch_size: rows (patched runs) per forward pass.
+        batch_size: rows (patched runs) per forward pass; None: the engine's `default_batch_size`
+            (64 on a GPU, about 1600 tokens on a CPU).
         reference: reference images for the "mean" context (default: the shared ImageNet sample).
 
     `attribute(pixels, target)` -> [batch, grid_h, grid_w]; with `target` of shape [batch, k]
@@ -86,7 +87,7 @@ class CAAP(AttributionMethod):
         context: str | NeutralContext | Any = DEFAULT_CONTEXT,
         component: Component = "resid",
         score: Score = "logit_diff",
-        batch_size: int = 64,
+        batch_size: int | None = None,
         reference: Any = None,
         progress: bool = False,
     ) -> None:
@@ -102,7 +103,7 @@ class CAAP(AttributionMethod):
             raise ValueError(f"unknown component {component!r}; accepted: {', '.join(COMPONENT_HOOKS)}")
         if score not in ("logit", "prob", "logit_diff"):
             raise ValueError(f"unknown score {score!r}; accepted: logit, prob, logit_diff")
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.layers = (start, end)
         self.context = get_context(context, model, reference=reference)

@@ -7,6 +7,7 @@ from caap.patching.engine import (
     ResidContext,
     Write,
     batched_runs,
+    default_batch_size,
     run_interventions,
 )
 from caap.patching.path import path_patch
@@ -22,6 +23,7 @@ __all__ = [
     "SweepResult",
     "Write",
     "batched_runs",
+    "default_batch_size",
     "logit_diff_metric",
     "logit_metric",
     "path_patch",

@@ -35,7 +35,7 @@ def path_patch(
     receivers: Sequence[Head] | Literal["logits"] = "logits",
     receiver_input: str | Sequence[str] = "q",
     freeze_mlps: bool = False,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     progress: bool = True,
 ) -> Tensor:
     """Path-patching effect of each sender head on the receivers.

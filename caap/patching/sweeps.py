@@ -135,7 +135,7 @@ def sweep(
     positions: Sequence[int] | None = None,
     heads: Sequence[int] | None = None,
     per_position: bool | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     progress: bool = True,
 ) -> SweepResult:
     """Patch each (component, layer, position[, head]) from the source into the target, one at a time.
