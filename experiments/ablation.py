@@ -26,7 +26,9 @@ computes what is new.
 
 Outputs under `--out`: `ablation.csv` (a row per setting x metric: mean, CI, CAAP's rank, the number of
 methods ranked), `ablation_per_image.csv`, `ablation.md` (a table per metric: contexts x ranges, mean ±
-95% CI and rank; then the ranks and the answer), `heatmap_<metric>[_<component>].png` and `heatmaps.html`.
+95% CI and rank; then the ranks and the answer), `ablation[_<component>].png` (the figure: every metric's
+contexts x ranges heatmap, annotated with the mean and CAAP's rank), `heatmap_<metric>[_<component>].png`
+and `heatmaps.html`.
 
 Cost: CAAP costs about n_patches x (layers run from the range's start) / n_layers forward passes per image
 (ViT-Tiny: early and all 196, mid 131, late 65), so the 24 settings of one component cost ~3500 passes per
@@ -333,7 +335,8 @@ def _main(argv: list[str] | None) -> int:
            *answer, "",
            "Command: `python experiments/ablation.py " + " ".join(
                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-               if k in ("split", "limit", "contexts", "ranges", "components", "metrics", "baselines_csv") and v) + "`"]
+               if k in ("split", "limit", "contexts", "ranges", "components", "metrics", "steps", "aopc_steps", "seed",
+                        "baselines_csv" if args.baselines_csv else "baselines") and v is not None) + "`"]
     text = "\n".join(md) + "\n"
     (out / "ablation.md").write_text(text)
     with open(out / "ablation.csv", "w", newline="") as f:
@@ -353,6 +356,43 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
+def save_figure(rows: list[dict[str, Any]], metrics: dict[str, Metric], contexts: list[str], ranges: list[str],
+                col_labels: list[str], component: str, path: Path, title: str) -> None:
+    """The ablation figure: one heatmap per metric (contexts x ranges; colour = the mean, brighter =
+    better), each cell annotated with the mean and CAAP's rank among the methods; cells where CAAP
+    ranks first are outlined."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    from caap.plots import _text_colour
+
+    names = list(metrics)
+    ncols = min(3, len(names))
+    nrows = -(-len(names) // ncols)
+    fig = Figure(figsize=(3.4 * ncols + 0.4, 0.55 * len(contexts) * nrows + 1.3 * nrows + 0.6), dpi=150)
+    FigureCanvasAgg(fig)
+    for k, mt in enumerate(names):
+        ax = fig.add_subplot(nrows, ncols, k + 1)
+        pick = {(r["context"], r["range"]): r for r in rows if r["metric"] == mt and r["component"] == component}
+        v = np.array([[pick[(c, g)]["mean"] for g in ranges] for c in contexts], dtype=np.float64)
+        im = ax.imshow(np.nan_to_num(v, nan=np.nanmean(v) if np.isfinite(v).any() else 0.0), aspect="auto",
+                       cmap="viridis" if metrics[mt].higher_is_better else "viridis_r", interpolation="nearest")
+        for (i, j), val in np.ndenumerate(v):
+            row = pick[(contexts[i], ranges[j])]
+            text = "n/a" if not np.isfinite(val) else f"{val:.2f}\n{row['rank']}/{row['n_methods']}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=6.5,
+                    color=_text_colour(im.cmap(im.norm(val))) if np.isfinite(val) else "black")
+            if row["rank"] == 1:
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+        ax.set_xticks(range(len(ranges)), col_labels, fontsize=7)
+        ax.set_yticks(range(len(contexts)), contexts, fontsize=7)
+        ax.set_title(header(mt, metrics[mt]), fontsize=9)
+    fig.suptitle(title + "; red: CAAP ranks first", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def write_plots(rows: list[dict[str, Any]], metrics: dict[str, Metric], contexts: list[str], ranges: list[str],
                 components: list[str], named: dict[str, tuple[int, int]], out: Path, args: Any, n: int) -> None:
     """A PNG heatmap (contexts x ranges, mean; rank in the HTML) per metric and component, and one HTML."""
@@ -366,6 +406,12 @@ def write_plots(rows: list[dict[str, Any]], metrics: dict[str, Metric], contexts
     fig = make_subplots(rows=len(panels), cols=1, subplot_titles=titles,
                         vertical_spacing=min(0.08, 0.3 / max(1, len(panels))))
     cols = [f"{r} ({named[r][0]}-{named[r][1]})" for r in ranges]
+    png_cols = [f"{r}\n{named[r][0]}-{named[r][1]}" for r in ranges]
+    for comp in components:
+        save_figure(rows, metrics, contexts, ranges, png_cols, comp,
+                    out / f"ablation{'' if len(components) == 1 else f'_{comp}'}.png",
+                    title=f"CAAP ablation, {args.split} ({n} images){f', {comp}' if len(components) > 1 else ''}: "
+                          f"mean (rank among {rows[0]['n_methods'] if rows else '?'} methods)")
     for i, ((mt, comp), title) in enumerate(zip(panels, titles), start=1):
         pick = {(r["context"], r["range"]): r for r in rows if r["metric"] == mt and r["component"] == comp}
         values = np.array([[pick[(c, r)]["mean"] for r in ranges] for c in contexts], dtype=np.float64)
@@ -376,7 +422,7 @@ def write_plots(rows: list[dict[str, Any]], metrics: dict[str, Metric], contexts
             save_heatmap_png(values, out / f"heatmap_{mt}{suffix}.png",
                              title=f"CAAP: {title}, {args.split} ({n} images)",
                              xlabel="layer range (blocks)", ylabel="neutral context", row_labels=contexts,
-                             col_labels=cols, colorbar_label=title, cmap="viridis" if metrics[mt].higher_is_better
+                             col_labels=png_cols, colorbar_label=title, cmap="viridis" if metrics[mt].higher_is_better
                              else "viridis_r")
         else:
             print(f"ablation: no heatmap PNG for {mt}: some setting has no defined value", file=sys.stderr)

@@ -1,9 +1,15 @@
 """Benchmark: attribution methods x models x metrics on a manifest folder (default: the `heldout` split of
 the shared imagenet_val1300_boxes).
 
-    python experiments/benchmark.py --out results/benchmark                   # the reported table
     python experiments/benchmark.py --estimate --out results/benchmark        # time a few images first
+    python experiments/benchmark.py --out results/benchmark                   # everything: ~5.3 h on 2 CPU cores
     python experiments/benchmark.py --methods caap,rollout,rise --metrics insertion,deletion --limit 50
+
+The table in the README (651 heldout images in 45 minutes on 2 CPU cores) is
+
+    python experiments/benchmark.py --methods caap,random,rollout,gae,attention_gradcam,gradsam,gradcam,\
+        input_x_gradient,integrated_gradients,smoothgrad --metrics pointing_game,box_energy,iou,f1,insertion,\
+        deletion --steps 8 --ig-steps 8 --smoothgrad-samples 8
 
 Target: the TRUE class of every image (the `class_index` of the manifest), for every method and metric,
 whether or not the model predicts it (the CSV says whether it does: `predicted`, `correct`).
@@ -44,6 +50,8 @@ threads, a lower bound for an idle machine; 1 plain forward pass = 47 CPU ms per
     total    ~9 h idle (~27 h at the load of the moment), so the default protocol (13 methods x 10
              metrics) does not fit in an hour on this machine: choose with `--methods`, `--metrics`, `--steps`
              and the cost flags, priced by `--estimate`.
+A later `--estimate 4` on an idle machine measured less: 5.3 h for the full protocol (CAAP 13 min, RISE
+70 min, AtMan 33 min, occlusion 28 min, IG 18 min; all ten metrics 2.4 h for 13 methods).
 """
 
 from __future__ import annotations
@@ -300,6 +308,33 @@ def summary_table(rows: list[dict[str, Any]], methods: list[str], metrics: dict[
     return markdown_table(["method", *(header(mt, m) for mt, m in metrics.items())], body)
 
 
+def paired_table(rows: list[dict[str, Any]], methods: list[str], metrics: dict[str, Metric], model: str,
+                 reference: str = "caap") -> str:
+    """Markdown: a row per other method, a column per metric: the per-image difference `reference` minus
+    method (mean ± 95% CI over the images where both are defined), marked +, - or = by the direction
+    of the metric. Paired intervals are much narrower than the two methods' own intervals."""
+    per = {(r["method"], r["image"]): r for r in rows if r["model"] == model}
+    images = [r["image"] for r in rows if r["model"] == model and r["method"] == reference]
+    body = []
+    for me in methods:
+        if me == reference:
+            continue
+        cells = []
+        for mt, m in metrics.items():
+            d = np.array([per[(reference, i)][mt] - per[(me, i)][mt] for i in images if (me, i) in per],
+                         dtype=np.float64)
+            mean, half, _ = mean_ci(d)
+            if np.isnan(mean):
+                cells.append("n/a")
+                continue
+            sign = 1 if m.higher_is_better else -1
+            lo, hi = sign * mean - half, sign * mean + half
+            mark = "+" if lo > 0 else "-" if hi < 0 else "="
+            cells.append(f"{mark} {mean:+.3f} ± {half:.3f}")
+        body.append([me, *cells])
+    return markdown_table([f"{reference} minus", *(header(mt, m) for mt, m in metrics.items())], body)
+
+
 def write_outputs(rows: list[dict[str, Any]], grids: dict[str, Any], models: list[Any], methods: list[str],
                   metrics: dict[str, Metric], samples: list[Any], args: Any, out: Path,
                   settings: dict[str, Any]) -> str:
@@ -317,6 +352,12 @@ def write_outputs(rows: list[dict[str, Any]], grids: dict[str, Any], models: lis
     parts = [f"# Benchmark: {n} images of the `{args.split}` split, target = the true class", ""]
     for name, _ in models:
         parts += [f"## {name}", "", summary_table(rows, methods, metrics, name), ""]
+        if "caap" in methods and len(methods) > 1:
+            parts += [f"### CAAP against each method, paired over images ({name.split('.')[0]})", "",
+                      paired_table(rows, methods, metrics, name), "",
+                      "CAAP's value minus the method's, per image, then mean ± 95% CI (Student t) of those "
+                      "differences; `+` CAAP better, `-` CAAP worse (the interval excludes 0 on that side, in the "
+                      "metric's direction), `=` the interval contains 0.", ""]
     parts += [
         "Mean ± half-width of the 95% confidence interval (Student t) over images; ↑ higher is better, "
         "↓ lower is better; bold: the best mean of a column. Undefined values (e.g. no positive mass for box "
@@ -341,10 +382,14 @@ def write_outputs(rows: list[dict[str, Any]], grids: dict[str, Any], models: lis
             maps_s = float(np.mean([r["runtime_s"] for r in rs]))
             metric_s = float(np.mean([r["metric_s"] for r in rs]))
             body.append([me, f"{maps_s:.3f}", f"{metric_s:.3f}", seconds_text((maps_s + metric_s) * len(rs))])
+        every = [r for r in rows if r["model"] == name]
+        total = sum(r["runtime_s"] + r["metric_s"] for r in every)
+        body.append(["**all**", "", "", f"**{seconds_text(total)}**"])
         lines += [f"## {name}", "", markdown_table(
             ["method", "maps (s / image)", "metrics (s / image)", "whole run"], body), ""]
     lines.append("Maps: the attribution call alone (a chunk's time / its images), as first computed (cached "
-                 "chunks keep the time they took). Metrics: all metrics of the method, sharing forward passes.")
+                 "chunks keep the time they took). Metrics: all metrics of the method, sharing forward passes. "
+                 "all: the sum over methods (reading the images and their one clean forward pass not included).")
     (out / "runtime.md").write_text("\n".join(lines) + "\n")
 
     df = pd.DataFrame(rows)

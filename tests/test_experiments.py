@@ -143,6 +143,27 @@ def test_benchmark_writes_every_output(bench_out, capsys):
     assert [p.name for p in maps] == ["dev_00000-00002.npz", "dev_00002-00003.npz"]
 
 
+def test_paired_table_known_answers():
+    """CAAP minus each method per image: a constant +0.1 on a higher-is-better metric is '+', the same on
+    a lower-is-better one is '-', differences that cancel out are '='."""
+    from caap.metrics import get_metric
+
+    metrics = {"pointing_game": get_metric("pointing_game"), "deletion": get_metric("deletion")}
+    rows = []
+    for i in range(6):
+        rows.append({"model": "m", "method": "caap", "image": f"{i}", "pointing_game": 0.5 + 0.01 * i,
+                     "deletion": 0.5 + 0.01 * i})
+        rows.append({"model": "m", "method": "a", "image": f"{i}", "pointing_game": 0.4 + 0.01 * i,
+                     "deletion": 0.4 + 0.01 * i})
+        rows.append({"model": "m", "method": "b", "image": f"{i}", "pointing_game": 0.5 + 0.01 * i + (-1) ** i * 0.05,
+                     "deletion": float("nan") if i == 0 else 0.5 + 0.01 * i})
+    table = benchmark.paired_table(rows, ["caap", "a", "b"], metrics, "m")
+    lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()[2:]}
+    assert lines["a"] == ["+ +0.100 ± 0.000", "- +0.100 ± 0.000"]
+    assert lines["b"][0].startswith("= ") and lines["b"][1] == "= +0.000 ± 0.000"  # the NaN image is left out
+    assert "caap" not in lines
+
+
 def test_benchmark_resumes_without_recomputing(bench_out, world, monkeypatch, capsys):
     before = _rows(bench_out / "per_image.csv")
     monkeypatch.setattr(benchmark, "make_method", _boom)
@@ -229,6 +250,8 @@ def test_ablation_ranks_caap_against_baselines(world, bench_out, tmp_path, capsy
     assert len(_rows(out / "ablation_per_image.csv")) == 3 * 4
     for metric in ("pointing_game", "deletion"):
         assert (out / f"heatmap_{metric}.png").stat().st_size > 1000
+    figure = Image.open(out / "ablation.png")
+    assert figure.size[0] > figure.size[1] > 200  # two panels side by side
     assert "plotly" in (out / "heatmaps.html").read_text()[:5_000_000]
     assert "deletion ↓" in (out / "ablation.md").read_text()
 

@@ -220,9 +220,7 @@ CPU_TOKENS_PER_PASS = 1600
 def default_batch_size(model: Any, n_pos: int) -> int:
     """Rows per forward pass when `batch_size` is None: 64 on an accelerator; on a CPU as many rows as
     fit in `CPU_TOKENS_PER_PASS` tokens (at least 1), because bigger batches run slower per row there once
-    their activations leave the cache. Measured on the 2-core development machine, per block and row:
-    ViT-Tiny 1.0 ms at 8 rows, 1.4 ms at 64; ViT-Small 3.2 ms at 4-8 rows, 3.9 ms at 32; ViT-Base flat
-    (about 12 ms from 2 to 32 rows)."""
+    their activations leave the cache (`experiments/speed_batch.py` measures it; README, Speed)."""
     if next(model.parameters()).device.type != "cpu":
         return 64
     return max(1, CPU_TOKENS_PER_PASS // max(1, n_pos))
