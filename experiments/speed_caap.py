@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 t_fwd = timed(lambda: model(pixels), 5, sync)
                 t_fwd_b = timed(lambda: model(batch), 3, sync) / bs
             rounds.append((t_fwd, t_fwd_b, timed(lambda: caap.attribute(pixels, target=0), 1, sync)))
-        med = lambda xs: statistics.median(xs)  # noqa: E731
+        med = statistics.median
         print(f"| {name} | {start}-{end} | {bs} | {ideal:.1f} | {med(r[0] for r in rounds) * 1e3:.1f} ms | "
               f"{med(r[2] for r in rounds):.2f} s | {med(c / f / ideal for f, _, c in rounds):.2f} | "
               f"{med(c / fb / ideal for _, fb, c in rounds):.2f} |", flush=True)
