@@ -356,6 +356,13 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
+def setting_grid(rows: list[dict[str, Any]], metric: str, component: str, contexts: list[str], ranges: list[str]
+                 ) -> tuple[dict[tuple[str, str], dict[str, Any]], np.ndarray]:
+    """One metric's rows by (context, range), and their means as a contexts x ranges array."""
+    pick = {(r["context"], r["range"]): r for r in rows if r["metric"] == metric and r["component"] == component}
+    return pick, np.array([[pick[(c, g)]["mean"] for g in ranges] for c in contexts], dtype=np.float64)
+
+
 def save_figure(rows: list[dict[str, Any]], metrics: dict[str, Metric], contexts: list[str], ranges: list[str],
                 col_labels: list[str], component: str, path: Path, title: str) -> None:
     """The ablation figure: one heatmap per metric (contexts x ranges; colour = the mean, brighter =
@@ -374,8 +381,7 @@ def save_figure(rows: list[dict[str, Any]], metrics: dict[str, Metric], contexts
     FigureCanvasAgg(fig)
     for k, mt in enumerate(names):
         ax = fig.add_subplot(nrows, ncols, k + 1)
-        pick = {(r["context"], r["range"]): r for r in rows if r["metric"] == mt and r["component"] == component}
-        v = np.array([[pick[(c, g)]["mean"] for g in ranges] for c in contexts], dtype=np.float64)
+        pick, v = setting_grid(rows, mt, component, contexts, ranges)
         im = ax.imshow(np.nan_to_num(v, nan=np.nanmean(v) if np.isfinite(v).any() else 0.0), aspect="auto",
                        cmap="viridis" if metrics[mt].higher_is_better else "viridis_r", interpolation="nearest")
         for (i, j), val in np.ndenumerate(v):
@@ -413,8 +419,7 @@ def write_plots(rows: list[dict[str, Any]], metrics: dict[str, Metric], contexts
                     title=f"CAAP ablation, {args.split} ({n} images){f', {comp}' if len(components) > 1 else ''}: "
                           f"mean (rank among {rows[0]['n_methods'] if rows else '?'} methods)")
     for i, ((mt, comp), title) in enumerate(zip(panels, titles), start=1):
-        pick = {(r["context"], r["range"]): r for r in rows if r["metric"] == mt and r["component"] == comp}
-        values = np.array([[pick[(c, r)]["mean"] for r in ranges] for c in contexts], dtype=np.float64)
+        pick, values = setting_grid(rows, mt, comp, contexts, ranges)
         ranks = [[f"{pick[(c, r)]['mean']:.3g}<br>rank {pick[(c, r)]['rank']}/{pick[(c, r)]['n_methods']}"
                   for r in ranges] for c in contexts]
         suffix = "" if len(components) == 1 else f"_{comp}"

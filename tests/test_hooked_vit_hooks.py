@@ -43,30 +43,23 @@ def no_hooks_left(model: HookedViT) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- clean-up
-def test_hooks_removed_after_exception_in_run_with_hooks(small_model, pixels):
+def _boom(t, hook):
+    raise RuntimeError("boom in hook")
+
+
+@pytest.mark.parametrize("runner, hooks", [
+    ("run_with_hooks", [("blocks.0.hook_resid_pre", lambda t, hook: t * 0), ("blocks.1.hook_mlp_out", _boom)]),
+    ("hooks_context", [("hook_embed", lambda t, hook: t * 0), ("blocks.1.attn.hook_z", _boom)]),
+])
+def test_hooks_removed_after_exception(small_model, pixels, runner, hooks):
     x = pixels(small_model)
     clean = small_model(x)
-
-    def boom(t, hook):
-        raise RuntimeError("boom in hook")
-
     with pytest.raises(RuntimeError, match="boom in hook"):
-        small_model.run_with_hooks(x, fwd_hooks=[("blocks.0.hook_resid_pre", lambda t, hook: t * 0),
-                                                 ("blocks.1.hook_mlp_out", boom)])
-    assert no_hooks_left(small_model)
-    torch.testing.assert_close(small_model(x), clean, atol=0, rtol=0)
-
-
-def test_hooks_removed_after_exception_in_hooks_context(small_model, pixels):
-    x = pixels(small_model)
-    clean = small_model(x)
-
-    def boom(t, hook):
-        raise RuntimeError("boom in hook")
-
-    with pytest.raises(RuntimeError, match="boom in hook"):
-        with small_model.hooks(fwd_hooks=[("hook_embed", lambda t, hook: t * 0), ("blocks.1.attn.hook_z", boom)]):
-            small_model(x)
+        if runner == "run_with_hooks":
+            small_model.run_with_hooks(x, fwd_hooks=hooks)
+        else:
+            with small_model.hooks(fwd_hooks=hooks):
+                small_model(x)
     assert no_hooks_left(small_model)
     torch.testing.assert_close(small_model(x), clean, atol=0, rtol=0)
 
