@@ -28,6 +28,7 @@ from caap.data import VAL_BOXES, Sample, box_mask, load_manifest, sample_mask, s
 from caap.metrics import METRICS, Metric, PerturbationCurve, PerturbationMetric, get_metric, make_substrate, unit_ranks
 from caap.metrics.base import as_map_batch, grid_for, resolve_patch_size
 from caap.plots import summarize
+from caap.targets import class_score
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -154,17 +155,6 @@ def header(name: str, metric: Metric) -> str:
     return f"{name} {arrow(metric)}"
 
 
-def _score(logits: Tensor, targets: Tensor, score: str) -> Tensor:
-    logits = logits.float()
-    if score == "prob":
-        return logits.softmax(-1).gather(1, targets[:, None])[:, 0]
-    if score == "logit":
-        return logits.gather(1, targets[:, None])[:, 0]
-    if score == "accuracy":
-        return (logits.argmax(-1) == targets).float()
-    raise ValueError(f"unknown score {score!r}")
-
-
 class SharedPerturbation:
     """The faithfulness metrics of one chunk of images, with every forward pass that can be shared done once.
 
@@ -230,7 +220,7 @@ class SharedPerturbation:
             col = {c: j for j, c in enumerate(counts)}
             for c, lg in logits_at.items():
                 for k in kinds:
-                    scores[k][:, col[c]] = _score(lg, self.targets, k)
+                    scores[k][:, col[c]] = class_score(lg, self.targets, k)
             if inner:
                 ic = torch.tensor(inner, device=pixels.device)
                 total = b * len(inner)
@@ -246,7 +236,7 @@ class SharedPerturbation:
                     self.forwards += x.shape[0]
                     cols = torch.tensor([col[inner[s]] for s in step.tolist()], device=pixels.device)
                     for k in kinds:
-                        scores[k][img, cols] = _score(lg, self.targets[img], k)
+                        scores[k][img, cols] = class_score(lg, self.targets[img], k)
             for name, m in members:
                 c, fractions = steps[name]
                 idx = torch.tensor([col[int(v)] for v in c.tolist()], device=pixels.device)

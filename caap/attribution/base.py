@@ -12,36 +12,12 @@ either. Higher means more evidence for the target.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 
-import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from caap.targets import Target, resolve_targets
 from hooked_vit import HookedViT
-
-Target = int | Sequence[int] | Tensor | None
-
-
-def resolve_targets(
-    model: HookedViT, pixels: Float[Tensor, "batch chan H W"], target: Target, logits: Tensor | None = None
-) -> Int[Tensor, " batch"]:
-    """One class index per image: the predicted class where `target` is None."""
-    b = pixels.shape[0]
-    if target is None:
-        if logits is None:
-            with torch.no_grad():
-                logits = model(pixels)
-        return logits.argmax(dim=-1)
-    t = torch.as_tensor(target, device=pixels.device, dtype=torch.long)
-    if t.ndim == 0:
-        t = t.expand(b)
-    if t.ndim != 1 or t.shape[0] != b:
-        raise ValueError(f"target must be None, an int, or one class per image ({b}); got shape {tuple(t.shape)}")
-    n = model.cfg.n_classes
-    if (t < 0).any() or (t >= n).any():
-        raise ValueError(f"target class out of range: accepted 0..{n - 1}, got {t.tolist()}")
-    return t.clone()
 
 
 class AttributionMethod(ABC):

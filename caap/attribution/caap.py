@@ -23,13 +23,15 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from caap.attribution.base import AttributionMethod, Target, resolve_targets
+from caap.attribution.base import AttributionMethod
 from caap.contexts import NeutralContext, get_context
-from caap.patching.engine import Intervention, Write, run_interventions
+from caap.patching.engine import Intervention, Write, run_interventions, unpatched_scores
+from caap.targets import Score, Target, check_score, class_score, resolve_targets
 from hooked_vit import HookedViT
 
 Component = Literal["resid", "attn_out", "mlp_out"]
-Score = Literal["logit", "prob", "logit_diff"]
+CAAP_SCORES = ("logit_diff", "logit", "prob")
+"""The scores (`caap.targets.Score`) CAAP may read off each patched run."""
 
 COMPONENT_HOOKS = {
     "resid": "blocks.{layer}.hook_resid_pre",
@@ -101,8 +103,7 @@ class CAAP(AttributionMethod):
             )
         if component not in COMPONENT_HOOKS:
             raise ValueError(f"unknown component {component!r}; accepted: {', '.join(COMPONENT_HOOKS)}")
-        if score not in ("logit", "prob", "logit_diff"):
-            raise ValueError(f"unknown score {score!r}; accepted: logit, prob, logit_diff")
+        check_score(score, CAAP_SCORES)
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.layers = (start, end)
@@ -144,24 +145,17 @@ class CAAP(AttributionMethod):
             for p in range(n_patches)
         ]
         pairs = torch.arange(b, device=pixels.device).repeat_interleave(n_patches)
-        metric = self._metric(targets)
+        k = targets.view(b, -1)
+        reference = None
+        if self.score == "logit_diff":  # the unpatched context's score, once per image
+            reference = unpatched_scores(model, context, lambda logits, pair: class_score(logits, k[pair]), b, start)
+
+        def metric(logits: Tensor, pair: Tensor) -> Tensor:
+            return class_score(logits, k[pair], self.score, None if reference is None else reference[pair])
+
         scores = run_interventions(
             model, rows, pixels, context, metric, batch_size=self.batch_size, pairs=pairs,
             progress="CAAP" if self.progress else False,
         )
-        if self.score == "logit_diff":
-            base = model(context.resid_pre(start), start_at_layer=start)
-            ctx_idx = torch.arange(b, device=pixels.device).clamp(max=context.n - 1)
-            k = targets.view(b, -1)
-            scores = scores.view(b, n_patches, -1) - base[ctx_idx].gather(-1, k).unsqueeze(1)
         maps = scores.view(b, n_patches, -1).permute(0, 2, 1).reshape(b, -1, *grid)
         return maps if targets.ndim == 2 else maps[:, 0]
-
-    def _metric(self, targets: Tensor):
-        k = targets.view(targets.shape[0], -1)
-
-        def metric(logits: Tensor, pair: Tensor) -> Tensor:
-            values = logits.softmax(-1) if self.score == "prob" else logits
-            return values.gather(-1, k[pair])
-
-        return metric

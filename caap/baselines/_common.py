@@ -26,11 +26,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from caap.targets import Score, class_score
 from hooked_vit import HookedViT
 
-Score = Literal["logit", "prob", "log_prob"]
 Readout = Literal["auto", "class", "pooled"]
-SCORES = ("logit", "prob", "log_prob")
+BASELINE_SCORES = ("logit", "prob", "log_prob")
+"""The scores (`caap.targets.Score`) a baseline may differentiate or compare."""
 READOUTS = ("auto", "class", "pooled")
 
 
@@ -55,21 +56,6 @@ def check_choice(name: str, value: object, accepted: tuple[str, ...]) -> None:
 def check_positive_int(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def target_scores(
-    logits: Float[Tensor, "rows n_classes"], targets: Int[Tensor, " rows"], score: Score = "logit"
-) -> Float[Tensor, " rows"]:
-    """Each row's score for its own target class: the logit, the softmax probability or its log."""
-    if score == "logit":
-        s = logits
-    elif score == "prob":
-        s = logits.softmax(dim=-1)
-    elif score == "log_prob":
-        s = logits.log_softmax(dim=-1)
-    else:
-        raise ValueError(f"score={score!r} is not accepted; choose one of {', '.join(map(repr, SCORES))}")
-    return s.gather(1, targets.view(-1, 1)).squeeze(1)
 
 
 def readout_weights(
@@ -199,7 +185,7 @@ def attention_with_grads(
         x, targets = leaf_input(pixels), targets.clone()  # clones: callers may be in inference mode
         with model.hooks(fwd_hooks=[(n, save) for n in names]):
             logits = model(x)
-        total = target_scores(logits, targets, score).sum()
+        total = class_score(logits, targets, score).sum()
         patterns = [store[n] for n in names]
         grads = torch.autograd.grad(total, patterns)
     return [p.detach() for p in patterns], [g.detach() for g in grads]
@@ -224,11 +210,11 @@ def input_gradients(
     """d(row's target score) / d(row's pixels), for every row at once."""
     with grad_mode():
         xi, targets = leaf_input(x), targets.clone()  # clones: callers may be in inference mode
-        total = target_scores(model(xi), targets, score).sum()
+        total = class_score(model(xi), targets, score).sum()
         (g,) = torch.autograd.grad(total, xi)
     return g.detach()
 
 
 def batched_scores(model: HookedViT, x: Tensor, targets: Tensor, score: Score) -> Tensor:
     with torch.no_grad():
-        return target_scores(model(x), targets, score)
+        return class_score(model(x), targets, score)

@@ -9,8 +9,7 @@ from torch import Tensor
 
 from caap.attribution.base import AttributionMethod
 from caap.baselines._common import (
-    SCORES,
-    Score,
+    BASELINE_SCORES,
     attention_names,
     batched_scores,
     check_choice,
@@ -19,6 +18,7 @@ from caap.baselines._common import (
     finish,
     layer_list,
 )
+from caap.targets import Score
 from hooked_vit import HookedViT
 
 
@@ -75,7 +75,7 @@ class AtMan(AttributionMethod):
         internal_batch_size: int = 32,
     ) -> None:
         super().__init__(model)
-        check_choice("score", score, SCORES)
+        check_choice("score", score, BASELINE_SCORES)
         check_positive_int("internal_batch_size", internal_batch_size)
         if suppression_factor < 0:
             raise ValueError(f"suppression_factor must be >= 0, got {suppression_factor!r}")

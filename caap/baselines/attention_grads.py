@@ -11,15 +11,15 @@ from torch import Tensor
 from caap.attribution.base import AttributionMethod
 from caap.baselines._common import (
     READOUTS,
-    SCORES,
+    BASELINE_SCORES,
     Readout,
-    Score,
     attention_with_grads,
     check_choice,
     finish,
     layer_list,
     readout_weights,
 )
+from caap.targets import Score
 from hooked_vit import HookedViT
 
 
@@ -47,7 +47,7 @@ class AttentionGradCAM(AttributionMethod):
     def __init__(self, model: HookedViT, layer: int = -1, readout: Readout = "auto", score: Score = "logit") -> None:
         super().__init__(model)
         check_choice("readout", readout, READOUTS)
-        check_choice("score", score, SCORES)
+        check_choice("score", score, BASELINE_SCORES)
         self.layer = layer_list(model, layer, "layer")[0]
         self.readout, self.score = readout, score
 
@@ -99,7 +99,7 @@ class GradSAM(AttributionMethod):
         super().__init__(model)
         check_choice("rows", rows, ("readout", "all"))
         check_choice("readout", readout, READOUTS)
-        check_choice("score", score, SCORES)
+        check_choice("score", score, BASELINE_SCORES)
         self.rows, self.readout, self.score = rows, readout, score
 
     def _attribute(self, pixels: Float[Tensor, "batch chan H W"], targets: Int[Tensor, " batch"]) -> Tensor:

@@ -9,14 +9,14 @@ from torch import Tensor
 from caap.attribution.base import AttributionMethod
 from caap.baselines._common import (
     READOUTS,
-    SCORES,
+    BASELINE_SCORES,
     Readout,
-    Score,
     attention_with_grads,
     check_choice,
     finish,
     readout_weights,
 )
+from caap.targets import Score
 from hooked_vit import HookedViT
 
 
@@ -49,7 +49,7 @@ class GenericAttentionExplainability(AttributionMethod):
     def __init__(self, model: HookedViT, readout: Readout = "auto", score: Score = "logit") -> None:
         super().__init__(model)
         check_choice("readout", readout, READOUTS)
-        check_choice("score", score, SCORES)
+        check_choice("score", score, BASELINE_SCORES)
         self.readout, self.score = readout, score
 
     def relevance(

@@ -7,7 +7,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from caap.attribution.base import AttributionMethod
-from caap.baselines._common import SCORES, Score, check_choice, finish, grad_mode, leaf_input, target_scores
+from caap.baselines._common import BASELINE_SCORES, check_choice, finish, grad_mode, leaf_input
+from caap.targets import Score, class_score
 from hooked_vit import HookedViT
 
 
@@ -40,7 +41,7 @@ class GradCAM(AttributionMethod):
 
     def __init__(self, model: HookedViT, hook_name: str | None = None, score: Score = "logit") -> None:
         super().__init__(model)
-        check_choice("score", score, SCORES)
+        check_choice("score", score, BASELINE_SCORES)
         hook_name = hook_name or f"blocks.{model.cfg.n_layers - 1}.ln1.hook_normalized"
         if hook_name not in model.hook_dict:
             raise ValueError(f"unknown hook name {hook_name!r}; model.hook_dict lists the accepted names")
@@ -60,7 +61,7 @@ class GradCAM(AttributionMethod):
             act = store["act"]
             if act.ndim != 3:
                 raise ValueError(f"{self.hook_name} must have shape [batch, pos, d]; got {tuple(act.shape)}")
-            (grad,) = torch.autograd.grad(target_scores(logits, targets, self.score).sum(), act)
+            (grad,) = torch.autograd.grad(class_score(logits, targets, self.score).sum(), act)
         p = self.model.cfg.n_prefix_tokens
         act, grad = act.detach()[:, p:], grad[:, p:]  # [batch, n_patches, d]
         weights = grad.mean(dim=1, keepdim=True)

@@ -19,8 +19,7 @@ from torch import Tensor
 from caap.attribution.base import AttributionMethod
 from caap.baselines._common import (
     BASELINE_HELP,
-    SCORES,
-    Score,
+    BASELINE_SCORES,
     baseline_pixels,
     check_choice,
     check_positive_int,
@@ -29,6 +28,7 @@ from caap.baselines._common import (
     input_gradients,
     reduce_channels,
 )
+from caap.targets import Score
 from hooked_vit import HookedViT
 
 IGMethod = Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"]
@@ -50,7 +50,7 @@ class InputXGradient(AttributionMethod):
 
     def __init__(self, model: HookedViT, abs: bool = False, score: Score = "logit") -> None:
         super().__init__(model)
-        check_choice("score", score, SCORES)
+        check_choice("score", score, BASELINE_SCORES)
         self.abs, self.score = bool(abs), score
 
     def _attribute(self, pixels: Float[Tensor, "batch chan H W"], targets: Int[Tensor, " batch"]) -> Tensor:
@@ -116,7 +116,7 @@ class IntegratedGradients(AttributionMethod):
         super().__init__(model)
         check_positive_int("n_steps", n_steps)
         check_positive_int("internal_batch_size", internal_batch_size)
-        check_choice("score", score, SCORES)
+        check_choice("score", score, BASELINE_SCORES)
         if isinstance(baseline, str) and baseline not in ("zero", "black", "mean"):
             raise ValueError(f"baseline={baseline!r} is not accepted; use {BASELINE_HELP}")
         self.steps, self.alphas = ig_alphas(n_steps, method)
@@ -189,7 +189,7 @@ class SmoothGrad(AttributionMethod):
         super().__init__(model)
         check_positive_int("n_samples", n_samples)
         check_positive_int("internal_batch_size", internal_batch_size)
-        check_choice("score", score, SCORES)
+        check_choice("score", score, BASELINE_SCORES)
         if noise_level < 0:
             raise ValueError(f"noise_level must be >= 0, got {noise_level!r}")
         self.n_samples, self.noise_level, self.seed = n_samples, float(noise_level), int(seed)

@@ -9,8 +9,7 @@ from torch import Tensor
 from caap.attribution.base import AttributionMethod
 from caap.baselines._common import (
     BASELINE_HELP,
-    SCORES,
-    Score,
+    BASELINE_SCORES,
     baseline_pixels,
     batched_scores,
     check_choice,
@@ -18,6 +17,7 @@ from caap.baselines._common import (
     chunks,
     finish,
 )
+from caap.targets import Score
 from hooked_vit import HookedViT
 
 
@@ -50,7 +50,7 @@ class Occlusion(AttributionMethod):
         internal_batch_size: int = 64,
     ) -> None:
         super().__init__(model)
-        check_choice("score", score, SCORES)
+        check_choice("score", score, BASELINE_SCORES)
         check_positive_int("internal_batch_size", internal_batch_size)
         if isinstance(baseline, str) and baseline not in ("zero", "black", "mean"):
             raise ValueError(f"baseline={baseline!r} is not accepted; use {BASELINE_HELP}")

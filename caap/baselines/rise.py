@@ -12,14 +12,14 @@ from torch import Tensor
 from caap.attribution.base import AttributionMethod
 from caap.baselines._common import (
     BASELINE_HELP,
-    SCORES,
-    Score,
+    BASELINE_SCORES,
     baseline_pixels,
     batched_scores,
     check_choice,
     check_positive_int,
     finish,
 )
+from caap.targets import Score
 from hooked_vit import HookedViT
 
 
@@ -72,7 +72,7 @@ class RISE(AttributionMethod):
         check_positive_int("n_masks", n_masks)
         check_positive_int("s", s)
         check_positive_int("internal_batch_size", internal_batch_size)
-        check_choice("score", score, SCORES)
+        check_choice("score", score, BASELINE_SCORES)
         if not 0.0 < p1 <= 1.0:
             raise ValueError(f"p1 must be in (0, 1], got {p1!r}")
         if isinstance(baseline, str) and baseline not in ("zero", "black", "mean"):

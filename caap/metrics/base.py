@@ -14,11 +14,12 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 from torch import Tensor
 
+from caap.targets import Target
+
 Model = Callable[[Tensor], Tensor]
-Targets = int | Sequence[int] | Tensor | None
 Interpolation = Literal["bilinear", "nearest"]
 
 
@@ -42,7 +43,7 @@ class Metric(ABC):
         model: Model | None,
         pixels: Float[Tensor, "batch chan H W"] | None,
         maps: Float[Tensor, "batch h w"],
-        targets: Targets = None,
+        targets: Target = None,
         masks: Bool[Tensor, "batch H W"] | None = None,
     ) -> Float[Tensor, " batch"]: ...
 
@@ -165,26 +166,6 @@ def check_pixels(pixels: Any) -> Tensor:
         raise ValueError(f"pixels must be a tensor [batch, chan, H, W], got {shape}; use model.preprocess()")
     return pixels
 
-
-def resolve_targets(
-    model: Model, pixels: Float[Tensor, "batch chan H W"], targets: Targets, batch_size: int | None = None
-) -> Int[Tensor, " batch"]:
-    """One class per image: the model's prediction where `targets` is None (forward passes of at most
-    `batch_size` images), an int for every image, or one per image (sequence or tensor)."""
-    b = pixels.shape[0]
-    if targets is None:
-        step = batch_size or b
-        with torch.inference_mode():
-            preds = [model(pixels[i : i + step]).argmax(dim=-1) for i in range(0, b, step)]
-        return torch.cat(preds).to(pixels.device)
-    t = torch.as_tensor(targets, dtype=torch.long).to(pixels.device)
-    if t.ndim == 0:
-        t = t.expand(b)
-    if t.ndim != 1 or t.shape[0] != b:
-        raise ValueError(f"targets must be None, an int, or one class per image ({b}); got shape {tuple(t.shape)}")
-    if (t < 0).any():
-        raise ValueError(f"target classes must be >= 0, got {t.tolist()}")
-    return t.clone()
 
 
 def check_masks(masks: Any, batch: int, size: tuple[int, int] | None = None) -> Bool[Tensor, "batch H W"]:

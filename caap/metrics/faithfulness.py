@@ -54,7 +54,6 @@ from caap.metrics.base import (
     Interpolation,
     Metric,
     Model,
-    Targets,
     as_map_batch,
     check_pixels,
     grid_for,
@@ -62,13 +61,14 @@ from caap.metrics.base import (
     pool_maps_to_grid,
     resolve_mean_std,
     resolve_patch_size,
-    resolve_targets,
     upsample_maps,
 )
+from caap.targets import Score, Target, check_classes, check_score, class_score, resolve_targets
 
 Substrate = Literal["zero", "blur", "black", "uniform"] | Tensor | Callable[[Tensor], Tensor]
 Level = Literal["patch", "pixel"]
-Score = Literal["prob", "logit", "accuracy"]
+PERTURBATION_SCORES = ("prob", "logit", "accuracy")
+"""The scores (`caap.targets.Score`) a perturbation curve may follow."""
 Order = Literal["most", "least"]
 Mode = Literal["insert", "delete"]
 
@@ -175,20 +175,6 @@ def unit_ranks(
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def _score(logits: Float[Tensor, "n classes"], targets: Int[Tensor, " n"], score: Score) -> Float[Tensor, " n"]:
-    if targets.numel() and int(targets.max()) >= logits.shape[-1]:
-        raise ValueError(f"target class out of range: the model has {logits.shape[-1]} classes, got {targets.tolist()}")
-    logits = logits.float()
-    idx = targets[:, None]
-    if score == "prob":
-        return logits.softmax(dim=-1).gather(1, idx)[:, 0]
-    if score == "logit":
-        return logits.gather(1, idx)[:, 0]
-    if score == "accuracy":
-        return (logits.argmax(dim=-1) == targets).float()
-    raise ValueError(f"score must be 'prob', 'logit' or 'accuracy', got {score!r}")
-
-
 def perturbation_scores(
     model: Model,
     pixels: Float[Tensor, "batch chan H W"],
@@ -227,7 +213,10 @@ def perturbation_scores(
                 x = torch.where(changed, substrate[img], pixels[img])
             else:
                 x = torch.where(changed, pixels[img], substrate[img])
-            out[start : start + pair.shape[0]] = _score(model(x), targets[img], score)
+            logits = model(x)
+            if start == 0:
+                check_classes(targets, logits.shape[-1])
+            out[start : start + pair.shape[0]] = class_score(logits, targets[img], score)
     return out.view(b, n_steps)
 
 
@@ -288,8 +277,7 @@ class PerturbationMetric(Metric):
         if interpolation not in ("bilinear", "nearest"):
             raise ValueError(f"interpolation must be 'bilinear' or 'nearest', got {interpolation!r}")
         score = score if score is not None else self.default_score
-        if score not in ("prob", "logit", "accuracy"):
-            raise ValueError(f"score must be 'prob', 'logit' or 'accuracy', got {score!r}")
+        check_score(score, PERTURBATION_SCORES)
         self.level = level
         self.substrate = substrate if substrate is not None else self.default_substrate
         self.score = score
@@ -318,7 +306,7 @@ class PerturbationMetric(Metric):
         model: Model,
         pixels: Float[Tensor, "batch chan H W"],
         maps: Float[Tensor, "batch h w"],
-        targets: Targets = None,
+        targets: Target = None,
     ) -> PerturbationCurve:
         """The perturbation curve behind the metric (for plots): fractions and per-image scores, on the CPU."""
         if model is None:
@@ -347,7 +335,7 @@ class PerturbationMetric(Metric):
         model: Model,
         pixels: Float[Tensor, "batch chan H W"],
         maps: Float[Tensor, "batch h w"],
-        targets: Targets = None,
+        targets: Target = None,
         masks: Bool[Tensor, "batch H W"] | None = None,
     ) -> Float[Tensor, " batch"]:
         """One value per image (on the CPU); `masks` is ignored."""

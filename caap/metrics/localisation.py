@@ -15,7 +15,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from caap.metrics.base import Interpolation, Metric, Model, Targets, as_map_batch, check_masks, upsample_maps
+from caap.metrics.base import Interpolation, Metric, Model, as_map_batch, check_masks, upsample_maps
+from caap.targets import Target
 
 Threshold = Literal["area", "top_k", "max"]
 
@@ -44,7 +45,7 @@ class _LocalisationMetric(Metric):
         model: Model | None,
         pixels: Float[Tensor, "batch chan H W"] | None,
         maps: Float[Tensor, "batch h w"],
-        targets: Targets = None,
+        targets: Target = None,
         masks: Bool[Tensor, "batch H W"] | None = None,
     ) -> Float[Tensor, " batch"]:
         """One value per image (on the CPU). `model` and `targets` are ignored; `masks` is required."""

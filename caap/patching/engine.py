@@ -379,3 +379,13 @@ def run_interventions(
         lo = hi
     values = torch.cat(results)
     return values[torch.argsort(order_t)]
+
+
+@torch.inference_mode()
+def unpatched_scores(model: Any, context: Context, metric: Metric, n_pairs: int, layer: int = 0) -> Tensor:
+    """`metric` of the unpatched runs in `context`, per pair (pair i runs in context row min(i, n - 1)):
+    one forward pass of the context's rows from block `layer`, the scores every patched row of a pair is
+    compared with."""
+    logits = model(context.resid_pre(layer), start_at_layer=layer)
+    pairs = torch.arange(n_pairs, device=logits.device)
+    return metric(logits[pairs.clamp(max=context.n - 1)], pairs)

@@ -12,6 +12,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from caap.patching.engine import Metric
+from caap.targets import class_score
 
 
 def _logits_at(output: Tensor, pos: int) -> Tensor:
@@ -28,8 +29,7 @@ def logit_metric(classes: Int[Tensor, "n_pairs *k"] | int, pos: int = -1) -> Met
     """The logit of each pair's class (several per pair: [n_pairs, k] -> [rows, k])."""
 
     def metric(output: Tensor, pair: Tensor) -> Tensor:
-        logits, c = _logits_at(output, pos), _per_pair(classes, pair)
-        return logits.gather(-1, c.view(len(c), -1)).view(c.shape)
+        return class_score(_logits_at(output, pos), _per_pair(classes, pair), "logit")
 
     return metric
 
@@ -38,8 +38,7 @@ def prob_metric(classes: Int[Tensor, "n_pairs *k"] | int, pos: int = -1) -> Metr
     """The softmax probability of each pair's class."""
 
     def metric(output: Tensor, pair: Tensor) -> Tensor:
-        probs, c = _logits_at(output, pos).softmax(-1), _per_pair(classes, pair)
-        return probs.gather(-1, c.view(len(c), -1)).view(c.shape)
+        return class_score(_logits_at(output, pos), _per_pair(classes, pair), "prob")
 
     return metric
 
@@ -51,7 +50,6 @@ def logit_diff_metric(
 
     def metric(output: Tensor, pair: Tensor) -> Tensor:
         logits = _logits_at(output, pos)
-        rows = torch.arange(len(pair), device=pair.device)
-        return logits[rows, _per_pair(correct, pair)] - logits[rows, _per_pair(incorrect, pair)]
+        return class_score(logits, _per_pair(correct, pair)) - class_score(logits, _per_pair(incorrect, pair))
 
     return metric

@@ -21,11 +21,13 @@ from torch import Tensor
 
 from caap.patching.engine import (
     Context,
+    InputContext,
     Intervention,
     Metric,
     Write,
     as_context,
     run_interventions,
+    unpatched_scores,
 )
 
 COMPONENTS: dict[str, str] = {
@@ -199,7 +201,8 @@ def sweep(
         progress="sweep" if progress else False,
     )
     shape = [len(c) for _, c in axes] + list(values.shape[1:])
-    target_score, source_score = _baselines(model, sources, context, metric, n_pairs)
+    target_score = unpatched_scores(model, context, metric, n_pairs)
+    source_score = unpatched_scores(model, InputContext(model, sources), metric, n_pairs)
     dims = tuple(n for n, _ in axes) + tuple(f"out{i}" for i in range(values.ndim - 1))
     return SweepResult(values.view(shape), dims, {n: c for n, c in axes}, target_score, source_score)
 
@@ -215,11 +218,3 @@ def _n_positions(model: Any, sources: Tensor) -> int:
         gh, gw = model.grid_size_for(sources)
         return model.cfg.n_prefix_tokens + gh * gw
     return sources.shape[1]  # tokens
-
-
-@torch.inference_mode()
-def _baselines(model: Any, sources: Tensor, context: Context, metric: Metric, n_pairs: int) -> tuple[Tensor, Tensor]:
-    pairs = torch.arange(n_pairs, device=sources.device)
-    src = sources[pairs.clamp(max=sources.shape[0] - 1)]
-    tgt = context.resid_pre(0)[pairs.clamp(max=context.n - 1)]
-    return metric(model(tgt, start_at_layer=0), pairs), metric(model(src), pairs)
