@@ -1,0 +1,49 @@
+# From a fresh clone, two commands (README):
+#   make explain   creates .venv if missing, installs caap with the pinned versions (constraints.txt) if not
+#                  yet done, then runs `caap explain` (the bundled chelsea photo -> ./caap_out)
+#   make test      the same with the test extras, then the lint (ruff) and the whole test suite (.ci/run)
+# An install is redone only when pyproject.toml or constraints.txt is newer than its stamp file in .venv,
+# so a second run installs nothing. Extra arguments: make explain ARGS="photo.jpg --layers 4:7".
+
+PYTHON ?= python3
+VENV ?= .venv
+LOCK := constraints.txt
+ARGS ?=
+
+BIN := $(VENV)/bin
+PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(LOCK)
+
+.DEFAULT_GOAL := explain
+.PHONY: explain test lock
+
+explain: $(VENV)/.installed
+	@$(BIN)/caap explain $(ARGS)
+
+test: $(VENV)/.installed-test
+	@echo "ruff check ."
+	@$(BIN)/ruff check .
+	@$(BIN)/python -m pytest -q $(ARGS)
+
+# the virtual environment, and pip at the locked version
+define make_venv
+	@test -x $(BIN)/python || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	@$(PIP_INSTALL) --upgrade pip
+endef
+
+$(VENV)/.installed: pyproject.toml $(LOCK)
+	$(make_venv)
+	@echo "installing caap into $(VENV) with the versions in $(LOCK) (the first time takes a few minutes)"
+	@$(PIP_INSTALL) -e .
+	@touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(LOCK)
+	$(make_venv)
+	@echo "installing caap[test] into $(VENV) with the versions in $(LOCK) (the first time takes a few minutes)"
+	@$(PIP_INSTALL) -e ".[test]"
+	@touch $@ $(VENV)/.installed
+
+# rewrite the pins from .venv (after upgrading there and a green `make test`); keeps the header comments
+lock: $(VENV)/.installed-test
+	@{ grep '^#' $(LOCK); $(BIN)/python -m pip freeze --all --exclude-editable | grep -v -e '^-e ' -e ' @ '; } > $(LOCK).new
+	@mv $(LOCK).new $(LOCK)
+	@echo "wrote $(LOCK)"
