@@ -2,7 +2,7 @@
 
     python experiments/ablation.py --limit 64 --out results/ablation
     python experiments/ablation.py --limit 64 --baselines-csv results/benchmark_dev/per_image.csv
-    python experiments/ablation.py --contexts mean,zero --ranges mid,late --components resid,mlp_out
+    python experiments/ablation.py --contexts mean,zero --ranges mid,late --components resid_pre,mlp_out
 
 For every (context, range, component) it computes CAAP maps for the first `--limit` images of the split
 (target = the true class, score logit_diff as CAAP's default) and scores them with every metric (the same
@@ -15,10 +15,10 @@ for each setting, with the range of ranks it takes.
 
 Contexts: mean, grey, black, blur, noise, zero (`caap.contexts`). Ranges for a model of depth n, as
 `caap_defaults.named_ranges`: early = blocks [0, n/3), mid = [n/3, 2n/3), late = [2n/3, n), all = [0, n).
-Components: resid (the residual stream entering each block, CAAP's default), attn_out, mlp_out.
+Components: resid_pre (the residual stream entering each block, CAAP's default), attn_out, mlp_out.
 
 Maps are cached with caap_defaults.py's file names (`maps_<context>_<range>_<split>_<n>.npz`, plus
-`_<component>` before the split for components other than resid) in `--maps-dir`: by default
+`_<component>` before the split for components other than resid_pre) in `--maps-dir`: by default
 caap_defaults' own `results/caap_defaults` for its default model, so nothing is computed twice between the
 two scripts (a cache of more images of the same split serves its first `--limit`), and
 `<out>/maps/<model>` for other models. Metric values are cached under `<out>/scores`: a second run only
@@ -77,7 +77,7 @@ from _common import (  # noqa: E402
     split_list,
 )
 from caap import CAAP  # noqa: E402
-from caap.attribution.caap import COMPONENT_HOOKS, DEFAULT_CONTEXT, default_layers  # noqa: E402
+from caap.attribution.caap import CAAP_COMPONENTS, DEFAULT_CONTEXT, default_layers  # noqa: E402
 from caap.baselines import BASELINES, get_baseline  # noqa: E402
 from caap.contexts import CONTEXT_NAMES, get_context  # noqa: E402
 from caap.data import DEFAULT_MODEL  # noqa: E402
@@ -90,7 +90,6 @@ Tensor = torch.Tensor
 
 PROG = "ablation"
 RANGES = ("early", "mid", "late", "all")
-COMPONENTS = tuple(COMPONENT_HOOKS)
 CHEAP_BASELINES = ("random", "rollout", "gae", "attention_gradcam", "gradsam", "gradcam", "input_x_gradient")
 """Computed here when no `--baselines-csv` is given: each costs at most a forward and a backward pass per
 image. The expensive ones (IG, SmoothGrad, occlusion, RISE, AtMan) come from a benchmark CSV."""
@@ -107,7 +106,8 @@ def parse_args(argv: list[str] | None) -> Any:
     p.add_argument("--contexts", default=",".join(CONTEXT_NAMES),
                    help=f"comma list (default all): {', '.join(CONTEXT_NAMES)}")
     p.add_argument("--ranges", default=",".join(RANGES), help=f"comma list (default all): {', '.join(RANGES)}")
-    p.add_argument("--components", default="resid", help=f"comma list (default resid): {', '.join(COMPONENTS)}")
+    p.add_argument("--components", default="resid_pre",
+                   help=f"comma list (default resid_pre): {', '.join(CAAP_COMPONENTS)}")
     p.add_argument("--metrics", default=None, help=f"comma list (default all): {', '.join(METRICS)}")
     p.add_argument("--baselines-csv", default=None,
                    help="per_image.csv of a benchmark.py run on the same split: the baselines' scores")
@@ -128,8 +128,8 @@ def parse_args(argv: list[str] | None) -> Any:
 
 
 def map_file(maps_dir: Path, ctx: str, rng: str, component: str, split: str, n: int) -> Path:
-    """caap_defaults.py's cache name, with the component before the split where it is not resid."""
-    comp = "" if component == "resid" else f"_{component}"
+    """caap_defaults.py's cache name, with the component before the split where it is not resid_pre."""
+    comp = "" if component == "resid_pre" else f"_{component}"
     return maps_dir / f"maps_{ctx}_{rng}{comp}_{split}_{n}.npz"
 
 
@@ -200,7 +200,7 @@ def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     contexts = split_list(args.contexts, CONTEXT_NAMES, "context", CONTEXT_NAMES)
     ranges = split_list(args.ranges, RANGES, "range", RANGES)
-    components = split_list(args.components, COMPONENTS, "component", ["resid"])
+    components = split_list(args.components, CAAP_COMPONENTS, "component", ["resid_pre"])
     metric_names = split_list(args.metrics, list(METRICS), "metric", list(METRICS))
     metrics = build_metrics(metric_names, args.forward_batch, args.steps, args.aopc_steps)
     baselines = [] if args.baselines_csv else split_list(args.baselines, list(BASELINES), "baseline", CHEAP_BASELINES)
@@ -282,7 +282,7 @@ def _main(argv: list[str] | None) -> int:
             computed += 1
         else:
             reused += 1
-        tag = f"{ctx}_{rng}" + ("" if comp == "resid" else f"_{comp}")
+        tag = f"{ctx}_{rng}" + ("" if comp == "resid_pre" else f"_{comp}")
         caap_values[(comp, ctx, rng)], _ = scores_for_chunk(
             scores_dir / f"caap_{tag}_{args.split}_{n}.json", chunk, maps, metrics, shared)
     bar.close()
@@ -324,7 +324,7 @@ def _main(argv: list[str] | None) -> int:
             lo, hi = min(r["rank"] for r in mine), max(r["rank"] for r in mine)
             verdict = "does not change" if lo == hi else "changes"
             best = min(mine, key=lambda r: (r["rank"], -r["mean"] if m.higher_is_better else r["mean"]))
-            default = [r for r in mine if (comp, r["context"], r["range"]) == ("resid", DEFAULT_CONTEXT, default_range)]
+            default = [r for r in mine if (comp, r["context"], r["range"]) == ("resid_pre", DEFAULT_CONTEXT, default_range)]
             answer.append(
                 f"- {header(mt, m)}{f' ({comp})' if len(components) > 1 else ''}: CAAP ranks {lo}"
                 + ("" if lo == hi else f" to {hi}") + f" of {n_methods} across the {len(mine)} settings: the ranking "

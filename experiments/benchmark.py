@@ -419,7 +419,7 @@ def caap_defaults_text(models: list[Any]) -> str:
     parts = []
     for name, model in models:
         a, b = default_layers(model.cfg.n_layers)
-        parts.append(f"{name}: context {DEFAULT_CONTEXT!r}, blocks {a}-{b} of {model.cfg.n_layers}, resid, logit_diff")
+        parts.append(f"{name}: context {DEFAULT_CONTEXT!r}, blocks {a}-{b} of {model.cfg.n_layers}, resid_pre, logit_diff")
     return "; ".join(parts)
 
 

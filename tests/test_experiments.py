@@ -274,5 +274,5 @@ def test_map_caches_are_keyed_by_the_method_settings():
 
 
 def test_ablation_cache_names_follow_caap_defaults(tmp_path):
-    assert ablation.map_file(tmp_path, "mean", "mid", "resid", "dev", 64).name == "maps_mean_mid_dev_64.npz"
+    assert ablation.map_file(tmp_path, "mean", "mid", "resid_pre", "dev", 64).name == "maps_mean_mid_dev_64.npz"
     assert ablation.map_file(tmp_path, "zero", "late", "mlp_out", "dev", 8).name == "maps_zero_late_mlp_out_dev_8.npz"

@@ -17,7 +17,7 @@ Choices the paper leaves open are parameters (see README for how the defaults we
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from jaxtyping import Float, Int
@@ -27,17 +27,13 @@ from caap.attribution.base import AttributionMethod
 from caap.contexts import NeutralContext, get_context
 from caap.patching.engine import Intervention, Write, run_interventions, unpatched_scores
 from caap.targets import Score, Target, check_score, class_score, resolve_targets
-from hooked_vit import HookedViT
+from hooked_vit import HookedViT, act_name
 
-Component = Literal["resid", "attn_out", "mlp_out"]
+Component = Literal["resid_pre", "attn_out", "mlp_out"]
+CAAP_COMPONENTS: tuple[str, ...] = get_args(Component)
+"""What the patch token may carry from the source (hook names: `hooked_vit.act_name`)."""
 CAAP_SCORES = ("logit_diff", "logit", "prob")
 """The scores (`caap.targets.Score`) CAAP may read off each patched run."""
-
-COMPONENT_HOOKS = {
-    "resid": "blocks.{layer}.hook_resid_pre",
-    "attn_out": "blocks.{layer}.hook_attn_out",
-    "mlp_out": "blocks.{layer}.hook_mlp_out",
-}
 
 DEFAULT_CONTEXT = "blur"
 """Default neutral context: a blurred copy of the source. Chosen on the `dev` split (README, "CAAP
@@ -64,7 +60,7 @@ class CAAP(AttributionMethod):
         layers: (start, end), inclusive 0-indexed blocks; default `default_layers(n_layers)`.
         context: "mean", "grey", "black", "blur", "noise", "zero", an image, a pixel tensor
             [1, 3, H, W], or a `NeutralContext`.
-        component: what the patch token carries from the source: "resid" (residual stream entering
+        component: what the patch token carries from the source: "resid_pre" (residual stream entering
             each block), "attn_out" or "mlp_out" (that block's attention / MLP output).
         score: "logit_diff" (default: the target logit minus the unpatched context's target logit),
             "logit" (the target logit itself) or "prob" (softmax probability). "logit_diff" is the
@@ -87,7 +83,7 @@ class CAAP(AttributionMethod):
         model: HookedViT,
         layers: tuple[int, int] | None = None,
         context: str | NeutralContext | Any = DEFAULT_CONTEXT,
-        component: Component = "resid",
+        component: Component = "resid_pre",
         score: Score = "logit_diff",
         batch_size: int | None = None,
         reference: Any = None,
@@ -101,8 +97,8 @@ class CAAP(AttributionMethod):
                 f"layers={layers!r} is not a valid range: need 0 <= start <= end <= {n - 1} "
                 f"(inclusive block indices of this {n}-layer model)"
             )
-        if component not in COMPONENT_HOOKS:
-            raise ValueError(f"unknown component {component!r}; accepted: {', '.join(COMPONENT_HOOKS)}")
+        if component not in CAAP_COMPONENTS:
+            raise ValueError(f"unknown component {component!r}; accepted: {', '.join(CAAP_COMPONENTS)}")
         check_score(score, CAAP_SCORES)
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -137,7 +133,7 @@ class CAAP(AttributionMethod):
         n_patches = grid[0] * grid[1]
         prefix = model.cfg.n_prefix_tokens
         start, end = self.layers
-        hooks = [COMPONENT_HOOKS[self.component].format(layer=layer) for layer in range(start, end + 1)]
+        hooks = [act_name(self.component, layer) for layer in range(start, end + 1)]
         context = self.context.for_sources(model, pixels)
         rows = [
             Intervention(tuple(Write(h, prefix + p) for h in hooks), source=i, target=i if context.n > 1 else 0)

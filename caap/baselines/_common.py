@@ -27,7 +27,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from caap.targets import Score, class_score
-from hooked_vit import HookedViT
+from hooked_vit import HookedViT, act_name
 
 Readout = Literal["auto", "class", "pooled"]
 BASELINE_SCORES = ("logit", "prob", "log_prob")
@@ -143,8 +143,8 @@ def finish(x: Tensor, device: torch.device) -> Tensor:
     return x.detach().to(device=device, dtype=torch.float32)
 
 
-def attention_names(model: HookedViT, layers: list[int], hook: str = "hook_pattern") -> list[str]:
-    return [f"blocks.{layer}.attn.{hook}" for layer in layers]
+def attention_names(model: HookedViT, layers: list[int], component: str = "pattern") -> list[str]:
+    return [act_name(component, layer) for layer in layers]
 
 
 def layer_list(model: HookedViT, layers: int | list[int] | None, name: str = "layers") -> list[int]:

@@ -123,7 +123,7 @@ class AtMan(AttributionMethod):
                 scores = scores - scores.amin(dim=-1, keepdim=True)
             return scores * current["f"][:, None, None, :]
 
-        hooks = [(name, manipulate) for name in attention_names(self.model, self.layers, "hook_attn_scores")]
+        hooks = [(name, manipulate) for name in attention_names(self.model, self.layers, "attn_scores")]
         rows = torch.arange(x.shape[0] * n, device=x.device)
         suppressed = torch.empty(len(rows), device=x.device, dtype=full.dtype)
         with self.model.hooks(fwd_hooks=hooks):

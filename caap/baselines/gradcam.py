@@ -9,7 +9,7 @@ from torch import Tensor
 from caap.attribution.base import AttributionMethod
 from caap.baselines._common import BASELINE_SCORES, check_choice, finish, grad_mode, leaf_input
 from caap.targets import Score, class_score
-from hooked_vit import HookedViT
+from hooked_vit import HookedViT, act_name
 
 
 class GradCAM(AttributionMethod):
@@ -42,7 +42,7 @@ class GradCAM(AttributionMethod):
     def __init__(self, model: HookedViT, hook_name: str | None = None, score: Score = "logit") -> None:
         super().__init__(model)
         check_choice("score", score, BASELINE_SCORES)
-        hook_name = hook_name or f"blocks.{model.cfg.n_layers - 1}.ln1.hook_normalized"
+        hook_name = hook_name or act_name("normalized", model.cfg.n_layers - 1, "ln1")
         if hook_name not in model.hook_dict:
             raise ValueError(f"unknown hook name {hook_name!r}; model.hook_dict lists the accepted names")
         self.hook_name, self.score = hook_name, score

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from caap.patching.engine import InputContext, Metric, batched_runs, cache_sources
+from hooked_vit.names import act_name
 
 Head = tuple[int, int]
 
@@ -78,8 +79,8 @@ def path_patch(
     row_sender = torch.arange(n_rows, device=sources.device) % n_send
     first = min(layer for layer, _ in senders)
     last = cfg.n_layers - 1 if to_logits else max(layer for layer, _ in receivers)  # type: ignore[union-attr]
-    z_hooks = [f"blocks.{layer}.attn.hook_z" for layer in range(first, last + 1)]
-    mlp_hooks = [f"blocks.{layer}.hook_mlp_out" for layer in range(first, last + 1)] if freeze_mlps else []
+    z_hooks = [act_name("z", layer) for layer in range(first, last + 1)]
+    mlp_hooks = [act_name("mlp_out", layer) for layer in range(first, last + 1)] if freeze_mlps else []
     src = cache_sources(model, sources, z_hooks)
     tgt = cache_sources(model, targets, z_hooks + mlp_hooks)
     context = InputContext(model, targets)
@@ -92,7 +93,7 @@ def path_patch(
         pair = row_pair[r0:r1]
         hooks: list[tuple[str, Callable]] = []
         for layer in range(first, last + 1):
-            name = f"blocks.{layer}.attn.hook_z"
+            name = act_name("z", layer)
             rows = (sender_layer[r0:r1] == layer).nonzero().flatten()
             hooks.append((name, _freeze_z(tgt[name], src[name], pair, rows, sender_head[r0:r1][rows])))
         for name in mlp_hooks:
@@ -112,7 +113,7 @@ def path_patch(
     by_layer: dict[int, list[int]] = defaultdict(list)
     for layer, head in receivers:  # type: ignore[union-attr]
         by_layer[layer].append(head)
-    recv_hooks = [(f"blocks.{layer}.attn.hook_{k}", heads) for layer, heads in sorted(by_layer.items()) for k in kinds]
+    recv_hooks = [(act_name(k, layer), heads) for layer, heads in sorted(by_layer.items()) for k in kinds]
     captured: dict[str, Tensor] = {}
 
     def pass1_hooks(r0: int, r1: int) -> list[tuple[str, Callable]]:

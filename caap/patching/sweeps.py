@@ -29,30 +29,7 @@ from caap.patching.engine import (
     run_interventions,
     unpatched_scores,
 )
-
-COMPONENTS: dict[str, str] = {
-    "resid_pre": "blocks.{layer}.hook_resid_pre",
-    "resid_mid": "blocks.{layer}.hook_resid_mid",
-    "resid_post": "blocks.{layer}.hook_resid_post",
-    "attn_out": "blocks.{layer}.hook_attn_out",
-    "mlp_out": "blocks.{layer}.hook_mlp_out",
-    "q": "blocks.{layer}.attn.hook_q",
-    "k": "blocks.{layer}.attn.hook_k",
-    "v": "blocks.{layer}.attn.hook_v",
-    "z": "blocks.{layer}.attn.hook_z",
-    "result": "blocks.{layer}.attn.hook_result",
-    "pattern": "blocks.{layer}.attn.hook_pattern",
-}
-"""Component name -> hook point template."""
-
-HEAD_COMPONENTS = frozenset({"q", "k", "v", "z", "result", "pattern"})
-
-
-def component_hook(component: str, layer: int) -> str:
-    if component not in COMPONENTS:
-        raise ValueError(f"unknown component {component!r}; accepted: {', '.join(COMPONENTS)}")
-    return COMPONENTS[component].format(layer=layer)
-
+from hooked_vit.names import COMPONENTS, HEAD_COMPONENTS, act_name
 
 @dataclass
 class SweepResult:
@@ -158,13 +135,13 @@ def sweep(
     """
     components = [component] if isinstance(component, str) else list(component)
     for c in components:
-        component_hook(c, 0)
+        act_name(c, 0)
     head_kinds = {c in HEAD_COMPONENTS for c in components}
     if len(head_kinds) > 1:
         raise ValueError("sweep components with a head axis and without one separately")
     has_heads = head_kinds.pop()
     if per_position is None:
-        per_position = not (components == ["pattern"])
+        per_position = not set(components) <= {"pattern", "attn_scores"}
     if "result" in components and not getattr(model.cfg, "use_attn_result", False):
         raise ValueError("component 'result' needs model.cfg.use_attn_result = True (model.set_use_attn_result(True))")
 
@@ -190,7 +167,7 @@ def sweep(
     for idx in itertools.product(*(c for _, c in axes)):
         named = dict(zip((n for n, _ in axes), idx))
         comp = named.get("component", components[0])
-        hook = component_hook(comp, named["layer"])
+        hook = act_name(comp, named["layer"])
         write = Write(hook, named.get("pos"), named.get("head"))
         pair = named["pair"]
         rows.append(Intervention((write,), source=min(pair, sources.shape[0] - 1), target=min(pair, context.n - 1)))
