@@ -106,10 +106,10 @@ def _describe(x: Any) -> str:
 
 def class_score(
     logits: Float[Tensor, "rows n_classes"],
-    classes: Int[Tensor, "rows *k"],
+    classes: Int[Tensor, " rows *k"],
     score: Score = "logit",
-    reference: Float[Tensor, "rows *k"] | None = None,
-) -> Float[Tensor, "rows *k"]:
+    reference: Float[Tensor, " rows *k"] | None = None,
+) -> Float[Tensor, " rows *k"]:
     """Each row's score for its own class(es): `classes` [rows] or [rows, k] (several per row) index the
     last axis of `logits`. Computed in float32 (a no-op for float32 logits). `reference` is needed by
     "logit_diff" only: the reference run's logit of the same classes, [rows] or [rows, k]."""

@@ -29,13 +29,13 @@ import time
 # before tqdm is imported (it reads the environment then): silences generic_activation_patch's bar
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from caap import CAAP  # noqa: E402
-from caap.attribution import default_layers  # noqa: E402
-from caap.cpu import keep_freed_memory  # noqa: E402
-from caap.patching import default_batch_size, logit_metric, sweep  # noqa: E402
-from hooked_vit import HookedViT  # noqa: E402
+from caap import CAAP
+from caap.attribution import default_layers
+from caap.cpu import keep_freed_memory
+from caap.patching import default_batch_size, logit_metric, sweep
+from hooked_vit import HookedViT
 
 
 def timed(fn, repeats: int, sync) -> float:
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             corrupt = torch.randn(1, 3, *model.cfg.img_size, generator=g).to(device, dtype)
             with torch.inference_mode():
                 _, clean_cache = model.run_with_cache(clean)
-            metric_one = lambda logits: logits[0, 0]  # noqa: E731
+            metric_one = lambda logits: logits[0, 0]
             import transformer_lens.patching as tlp
 
             n_pos = model.cfg.n_ctx

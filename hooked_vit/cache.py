@@ -71,9 +71,9 @@ class _Readout:
     (class token through `head`, distillation token through `head_dist`, each weighted 1/2)."""
 
     weight: float
-    positions: Float[Tensor, "pos"]  # pooling weights over the token axis, summing to 1
+    positions: Float[Tensor, " pos"]  # pooling weights over the token axis, summing to 1
     W: Float[Tensor, "d_model n_classes"]
-    b: Float[Tensor, "n_classes"]
+    b: Float[Tensor, " n_classes"]
     directions: Callable[[Tensor], Tensor]  # class indices [*c] -> W[:, classes] as [*c, d_model]
 
 
@@ -339,31 +339,11 @@ class ViTActivationCache(ActivationCache):
         return centred / scale * norm.w
 
     # ------------------------------------------------------------------ pooling and logits
-    def _pool_weights(self, n_tokens: int) -> list[Float[Tensor, "pos"]]:
+    def _pool_weights(self, n_tokens: int) -> list[Float[Tensor, " pos"]]:
         """The pooling as weights over the token axis (one vector per pooled token group: two for
-        DeiT distilled). Raises for max / avg-max pooling, which no weights describe."""
-        cfg = self.model.cfg
-        if cfg.pooling in ("max", "avgmax"):
-            raise ValueError(
-                f"pooling={cfg.pooling!r} is not linear, so the logits do not split into per-component "
-                f"contributions; direct logit attribution and pool_stack need pooling 'token' or 'avg' "
-                f"(patch the components instead)"
-            )
-        device = self.model.W_E.device
-
-        def one_hot(i: int) -> Tensor:
-            w = torch.zeros(n_tokens, device=device)
-            w[i] = 1.0
-            return w
-
-        if cfg.distilled:
-            return [one_hot(0), one_hot(cfg.n_prefix_tokens - 1)]
-        if cfg.pooling == "token":
-            return [one_hot(0)]
-        start = 0 if cfg.pool_include_prefix else cfg.n_prefix_tokens
-        w = torch.zeros(n_tokens, device=device)
-        w[start:] = 1.0 / (n_tokens - start)
-        return [w]
+        DeiT distilled): `HookedViT.pool_weights`. Raises for max / avg-max pooling, which no weights
+        describe."""
+        return list(self.model.pool_weights(n_tokens))
 
     def _readouts(self, n_tokens: int) -> list[_Readout]:
         model = self.model
@@ -455,7 +435,7 @@ class ViTActivationCache(ActivationCache):
         pos_slice: Slice | SliceInput = None,
         batch_slice: Slice | SliceInput = None,
         has_batch_dim: bool = True,
-    ) -> Float[Tensor, "components *batch_and_pos_out"]:
+    ) -> Float[Tensor, " components *batch_and_pos_out"]:
         """Direct logit attribution for classes (TransformerLens' `logit_attrs`, with class indices
         instead of tokens and the model's pooling).
 

@@ -144,7 +144,7 @@ class Attention(nn.Module):
         return w * self.ls_gamma if self.ls_gamma is not None else w
 
     @property
-    def b_O(self) -> Float[Tensor, "d_model"]:
+    def b_O(self) -> Float[Tensor, " d_model"]:
         """Output bias, LayerScale included."""
         b = self.proj.bias if self.proj.bias is not None else self.proj.weight.new_zeros(self.proj.out_features)
         return b * self.ls_gamma if self.ls_gamma is not None else b
@@ -214,7 +214,7 @@ class MLP(nn.Module):
         return self.fc1.weight.T
 
     @property
-    def b_in(self) -> Float[Tensor, "d_mlp"]:
+    def b_in(self) -> Float[Tensor, " d_mlp"]:
         return self.fc1.bias if self.fc1.bias is not None else self.fc1.weight.new_zeros(self.fc1.out_features)
 
     @property
@@ -223,7 +223,7 @@ class MLP(nn.Module):
         return self.fc2.weight.T * self.ls_gamma if self.ls_gamma is not None else self.fc2.weight.T
 
     @property
-    def b_out(self) -> Float[Tensor, "d_model"]:
+    def b_out(self) -> Float[Tensor, " d_model"]:
         b = self.fc2.bias if self.fc2.bias is not None else self.fc2.weight.new_zeros(self.fc2.out_features)
         return b * self.ls_gamma if self.ls_gamma is not None else b
 

@@ -32,9 +32,7 @@ def perturb_(model: nn.Module, seed: int = 0) -> nn.Module:
                 p.copy_(0.5 + torch.rand(p.shape, generator=gen))
             elif name in ("cls_token", "reg_token", "dist_token"):
                 p.add_(0.5 * noise)
-            elif name == "pos_embed":
-                p.add_(0.1 * noise)
-            elif name.endswith("bias"):
+            elif name == "pos_embed" or name.endswith("bias"):
                 p.add_(0.1 * noise)
             elif "norm" in name and name.endswith("weight"):  # LayerNorm gains (incl. q/k-norm)
                 p.add_(0.2 * noise)

@@ -43,7 +43,7 @@ def _run(argv, capsys):
 def test_explain_writes_every_output(checkpoint, image, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(timm, "create_model", _with_depth(timm.create_model, 2))
     out = tmp_path / "out"
-    code, stdout, err = _run(["explain", str(image), "--model", NAME, "--checkpoint", str(checkpoint),
+    code, _stdout, err = _run(["explain", str(image), "--model", NAME, "--checkpoint", str(checkpoint),
                               "--layers", "0:1", "--context", "grey", "--target", "3", "--out", str(out)], capsys)
     assert code == 0, err
     for ext in ("png", "html", "npy", "json"):
@@ -68,7 +68,7 @@ def test_explain_default_image_and_checkpoint_dir(checkpoint, tmp_path, capsys, 
 
 def test_sweep_writes_layer_by_patch_grid(checkpoint, image, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(timm, "create_model", _with_depth(timm.create_model, 2))
-    code, stdout, err = _run(["sweep", str(image), "--model", NAME, "--checkpoint", str(checkpoint),
+    code, _stdout, err = _run(["sweep", str(image), "--model", NAME, "--checkpoint", str(checkpoint),
                               "--component", "mlp_out", "--context", "black", "--out", str(tmp_path)], capsys)
     assert code == 0, err
     values = np.load(tmp_path / "photo_sweep_mlp_out.npy")
@@ -117,7 +117,7 @@ def test_no_hub_names_checkpoint(tmp_path, capsys, monkeypatch):
 
 def test_console_entry_point_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "caap.cli", "explain", str(tmp_path / "nope.png")],
-                          capture_output=True, text=True, timeout=300)
+                          check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr and proc.stderr.strip().startswith("caap: error:")
 

@@ -84,9 +84,9 @@ def test_nested_hook_contexts_keep_permanent_hooks(small_model, pixels):
             assert counts == {"perma": 2, "outer": 1, "inner": 1}
             small_model(x)  # the inner hook is gone, the outer and the permanent one are not
             assert counts == {"perma": 3, "outer": 2, "inner": 1}
-            with pytest.raises(RuntimeError):
-                with small_model.hooks(fwd_hooks=[("blocks.0.hook_mlp_out", counter("inner"))]):
-                    raise RuntimeError("leave the inner context with an exception")
+            inner = [("blocks.0.hook_mlp_out", counter("inner"))]
+            with pytest.raises(RuntimeError), small_model.hooks(fwd_hooks=inner):
+                raise RuntimeError("leave the inner context with an exception")
             small_model(x)
             assert counts == {"perma": 4, "outer": 3, "inner": 1}
         torch.testing.assert_close(small_model(x), perma_only, atol=0, rtol=0)
@@ -267,7 +267,7 @@ def test_fast_attention_equals_explicit(tiny_model, pixels, monkeypatch):
     x = pixels(tiny_model)
     n = tiny_model.cfg.n_layers
     sdpa_calls = count_calls(monkeypatch, "scaled_dot_product_attention")
-    keep = lambda k: k.endswith("hook_resid_post")  # noqa: E731
+    keep = lambda k: k.endswith("hook_resid_post")
     with torch.no_grad():
         fast, fast_cache = tiny_model.run_with_cache(x, names_filter=keep)
         assert sdpa_calls[0] == n  # no hook on scores or pattern: SDPA in every layer
@@ -278,7 +278,7 @@ def test_fast_attention_equals_explicit(tiny_model, pixels, monkeypatch):
             explicit, explicit_cache = tiny_model.run_with_cache(x, names_filter=keep)
     assert sdpa_calls[0] == n
     torch.testing.assert_close(explicit, fast, atol=1e-5, rtol=0)
-    for key in fast_cache.keys():
+    for key in fast_cache:
         torch.testing.assert_close(explicit_cache[key], fast_cache[key], atol=1e-5, rtol=0)
 
 
@@ -286,7 +286,7 @@ def test_fast_layernorm_equals_explicit(tiny_model, pixels, monkeypatch):
     x = pixels(tiny_model)
     n = tiny_model.cfg.n_layers
     ln_calls = count_calls(monkeypatch, "layer_norm")
-    keep = lambda k: k.endswith("hook_resid_mid") or k.endswith("hook_resid_post")  # noqa: E731
+    keep = lambda k: k.endswith(("hook_resid_mid", "hook_resid_post"))
     with torch.no_grad():
         fast, fast_cache = tiny_model.run_with_cache(x, names_filter=keep)
         assert ln_calls[0] == 2 * n + 1  # ln1, ln2 per block and ln_final, all fused
@@ -294,7 +294,7 @@ def test_fast_layernorm_equals_explicit(tiny_model, pixels, monkeypatch):
             explicit, explicit_cache = tiny_model.run_with_cache(x, names_filter=keep)
     assert ln_calls[0] == 2 * n + 1  # a hook on hook_scale switches every norm to the explicit path
     torch.testing.assert_close(explicit, fast, atol=1e-5, rtol=0)
-    for key in fast_cache.keys():
+    for key in fast_cache:
         torch.testing.assert_close(explicit_cache[key], fast_cache[key], atol=1e-5, rtol=0)
 
 
@@ -400,10 +400,9 @@ def test_unknown_hook_name_is_a_clear_error(small_model, pixels):
     match = r"unknown hook name 'blocks\.0\.hook_resid_psot'; did you mean blocks\.0\.hook_resid_post"
     with pytest.raises(ValueError, match=match):
         small_model.run_with_hooks(x, fwd_hooks=[("blocks.0.hook_resid_psot", lambda t, hook: None)])
-    with pytest.raises(ValueError, match=match):
-        with small_model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda t, hook: None),
-                                          ("blocks.0.hook_resid_psot", lambda t, hook: None)]):
-            pass
+    typo = [("blocks.0.hook_resid_pre", lambda t, hook: None), ("blocks.0.hook_resid_psot", lambda t, hook: None)]
+    with pytest.raises(ValueError, match=match), small_model.hooks(fwd_hooks=typo):
+        pass
     with pytest.raises(ValueError, match=match):
         small_model.add_hook("blocks.0.hook_resid_psot", lambda t, hook: None)
     assert no_hooks_left(small_model)
@@ -436,7 +435,7 @@ def test_start_at_layer_needs_a_residual_stream(small_model, pixels):
 
 
 def test_run_with_cache_returns_a_vit_activation_cache(small_model, pixels):
-    logits, cache = small_model.run_with_cache(pixels(small_model, batch=1), remove_batch_dim=True)
+    _logits, cache = small_model.run_with_cache(pixels(small_model, batch=1), remove_batch_dim=True)
     assert isinstance(cache, ViTActivationCache) and not cache.has_batch_dim
     assert cache["blocks.1.hook_resid_post"].shape == (small_model.cfg.n_ctx, small_model.cfg.d_model)
     assert cache["pattern", 1].shape == (2, small_model.cfg.n_ctx, small_model.cfg.n_ctx)  # TL shorthand

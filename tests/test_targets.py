@@ -7,7 +7,7 @@ from caap.targets import class_score, resolve_targets
 
 
 class _Model(torch.nn.Module):
-    class cfg:  # noqa: N801
+    class cfg:
         n_classes = 4
 
     def forward(self, x):

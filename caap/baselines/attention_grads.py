@@ -10,8 +10,8 @@ from torch import Tensor
 
 from caap.attribution.base import AttributionMethod
 from caap.baselines._common import (
-    READOUTS,
     BASELINE_SCORES,
+    READOUTS,
     Readout,
     attention_with_grads,
     check_choice,

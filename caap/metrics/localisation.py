@@ -92,7 +92,7 @@ class PointingGame(_LocalisationMetric):
         self.tolerance = float(tolerance)
 
     def _compute(self, up: Tensor, masks: Tensor) -> Tensor:
-        b, h, w = up.shape
+        _b, h, w = up.shape
         pts = max_points(up)  # [b, 2]
         ys = torch.arange(h, device=up.device, dtype=torch.float32)[:, None]
         xs = torch.arange(w, device=up.device, dtype=torch.float32)[None, :]

@@ -19,13 +19,13 @@ def _logits_at(output: Tensor, pos: int) -> Tensor:
     return output if output.ndim == 2 else output[:, pos]
 
 
-def _per_pair(classes: Int[Tensor, "n_pairs *k"] | int, pair: Tensor) -> Tensor:
+def _per_pair(classes: Int[Tensor, " n_pairs *k"] | int, pair: Tensor) -> Tensor:
     c = torch.as_tensor(classes, device=pair.device)
     c = c.expand(int(pair.max()) + 1) if c.ndim == 0 else c
     return c[pair]
 
 
-def logit_metric(classes: Int[Tensor, "n_pairs *k"] | int, pos: int = -1) -> Metric:
+def logit_metric(classes: Int[Tensor, " n_pairs *k"] | int, pos: int = -1) -> Metric:
     """The logit of each pair's class (several per pair: [n_pairs, k] -> [rows, k])."""
 
     def metric(output: Tensor, pair: Tensor) -> Tensor:
@@ -34,7 +34,7 @@ def logit_metric(classes: Int[Tensor, "n_pairs *k"] | int, pos: int = -1) -> Met
     return metric
 
 
-def prob_metric(classes: Int[Tensor, "n_pairs *k"] | int, pos: int = -1) -> Metric:
+def prob_metric(classes: Int[Tensor, " n_pairs *k"] | int, pos: int = -1) -> Metric:
     """The softmax probability of each pair's class."""
 
     def metric(output: Tensor, pair: Tensor) -> Tensor:
