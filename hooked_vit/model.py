@@ -231,6 +231,31 @@ class HookedViT(HookedRootModule):
             return x.amax(dim=1)
         return 0.5 * (x.amax(dim=1) + x.mean(dim=1))
 
+    def pool_weights(self, n_tokens: int, max_as_mean: bool = False) -> Float[Tensor, "group pos"]:
+        """The pooling as weights over the token axis: one row per pooled vector (two for DeiT distilled:
+        the class token, then the distillation token), each summing to 1, so that `pool(x)` is
+        `weights @ x` for class-token and average pooling. The one description of which tokens the head
+        reads, for the cache's direct logit attribution and the attention-readout baselines.
+
+        Max and avg-max pooling are not linear: they raise, or with `max_as_mean=True` get the uniform
+        mean over the tokens they pool (an approximation of which tokens the head reads)."""
+        cfg = self.cfg
+        if cfg.pooling in ("max", "avgmax") and not max_as_mean:
+            raise ValueError(
+                f"pooling={cfg.pooling!r} is not linear, so the logits do not split into per-component "
+                f"contributions; direct logit attribution and pool_stack need pooling 'token' or 'avg' "
+                f"(patch the components instead)"
+            )
+        w = torch.zeros(2 if cfg.distilled else 1, n_tokens, device=self.W_E.device)
+        if cfg.distilled:
+            w[0, 0] = w[1, cfg.n_prefix_tokens - 1] = 1.0
+        elif cfg.pooling == "token":
+            w[0, 0] = 1.0
+        else:
+            start = 0 if cfg.pool_include_prefix else cfg.n_prefix_tokens
+            w[0, start:] = 1.0 / (n_tokens - start)
+        return w
+
     def forward(
         self,
         input: Tensor,

@@ -63,25 +63,17 @@ def readout_weights(
 ) -> Float[Tensor, " pos"]:
     """Weights over the query rows that the readout reads (see the module docstring)."""
     check_choice("readout", readout, READOUTS)
-    cfg = model.cfg
-    p = cfg.n_prefix_tokens
-    w = torch.zeros(n_tokens, device=device, dtype=dtype or torch.float32)
     if readout == "class":
-        if not cfg.class_token:
+        if not model.cfg.class_token:
             raise ValueError(
                 "readout='class' needs a class token; this model has none (use readout='auto' or 'pooled')"
             )
+        w = torch.zeros(n_tokens)
         w[0] = 1.0
-        return w
-    if cfg.pooling == "token":
-        if readout == "pooled" and cfg.distilled:
-            w[0] = w[p - 1] = 0.5
-        else:
-            w[0] = 1.0
-        return w
-    start = 0 if cfg.pool_include_prefix else p
-    w[start:] = 1.0 / (n_tokens - start)
-    return w
+    else:  # the model's own pooling (hooked_vit: HookedViT.pool_weights)
+        groups = model.pool_weights(n_tokens, max_as_mean=True)
+        w = groups.mean(dim=0) if readout == "pooled" else groups[0]
+    return w.to(device=device, dtype=dtype or torch.float32)
 
 
 def patch_slice(model: HookedViT) -> slice:
