@@ -48,11 +48,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import numpy as np
+import torch
+from tqdm.auto import tqdm
 
-from _common import (  # noqa: E402
+from _common import (
     AOPC_STEPS,
     STEPS,
     Chunk,
@@ -67,24 +67,24 @@ from _common import (  # noqa: E402
     load_samples,
     markdown_table,
     mean_ci,
+    metric_key,
     positive,
     rank_of,
-    metric_key,
     run_main,
     safe_name,
     save_maps,
     scores_for_chunk,
     split_list,
 )
-from caap import CAAP  # noqa: E402
-from caap.attribution.caap import CAAP_COMPONENTS, DEFAULT_CONTEXT, default_layers  # noqa: E402
-from caap.baselines import BASELINES, get_baseline  # noqa: E402
-from caap.contexts import CONTEXT_NAMES, get_context  # noqa: E402
-from caap.data import DEFAULT_MODEL  # noqa: E402
-from caap.metrics import METRICS, Metric  # noqa: E402
-from caap.models import load_model  # noqa: E402
-from benchmark import IG_STEPS, RISE_MASKS, SMOOTHGRAD_SAMPLES, method_settings  # noqa: E402
-from caap_defaults import named_ranges  # noqa: E402
+from benchmark import IG_STEPS, RISE_MASKS, SMOOTHGRAD_SAMPLES, method_settings
+from caap import CAAP
+from caap.attribution.caap import CAAP_COMPONENTS, DEFAULT_CONTEXT, default_layers
+from caap.baselines import BASELINES, get_baseline
+from caap.contexts import CONTEXT_NAMES, get_context
+from caap.data import DEFAULT_MODEL
+from caap.metrics import METRICS, Metric
+from caap.models import load_model
+from caap_defaults import named_ranges
 
 Tensor = torch.Tensor
 
@@ -295,8 +295,8 @@ def _main(argv: list[str] | None) -> int:
     base_means = {name: {mt: mean_ci(v[mt])[0] for mt in metrics} for name, v in base_values.items()}
     answer = []
     md += [f"# CAAP ablation: {n} images of the `{args.split}` split, {args.model}, target = the true class", "",
-           f"Baselines ({', '.join(base_values)}) {base_source}. Rank r/N: CAAP with that setting among the "
-           f"N = {n_methods} methods (1 = best; by the metric's direction).", ""]
+           (f"Baselines ({', '.join(base_values)}) {base_source}. Rank r/N: CAAP with that setting among the "
+           f"N = {n_methods} methods (1 = best; by the metric's direction)."), ""]
     for mt, m in metrics.items():
         for comp in components:
             body = []

@@ -67,11 +67,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import numpy as np
+import torch
+from tqdm.auto import tqdm
 
-from _common import (  # noqa: E402
+from _common import (
     AOPC_STEPS,
     STEPS,
     OneLineParser,
@@ -97,13 +97,13 @@ from _common import (  # noqa: E402
     seconds_text,
     split_list,
 )
-from caap import CAAP  # noqa: E402
-from caap.attribution import AttributionMethod  # noqa: E402
-from caap.attribution.caap import DEFAULT_CONTEXT, DEFAULT_LAYER_FRACTIONS, default_layers  # noqa: E402
-from caap.baselines import BASELINES, get_baseline  # noqa: E402
-from caap.data import DEFAULT_MODEL, class_name  # noqa: E402
-from caap.metrics import METRICS, Metric  # noqa: E402
-from caap.models import load_model  # noqa: E402
+from caap import CAAP
+from caap.attribution import AttributionMethod
+from caap.attribution.caap import DEFAULT_CONTEXT, DEFAULT_LAYER_FRACTIONS, default_layers
+from caap.baselines import BASELINES, get_baseline
+from caap.data import DEFAULT_MODEL, class_name
+from caap.metrics import METRICS, Metric
+from caap.models import load_model
 
 Tensor = torch.Tensor
 
@@ -355,13 +355,13 @@ def write_outputs(rows: list[dict[str, Any]], grids: dict[str, Any], models: lis
         if "caap" in methods and len(methods) > 1:
             parts += [f"### CAAP against each method, paired over images ({name.split('.')[0]})", "",
                       paired_table(rows, methods, metrics, name), "",
-                      "CAAP's value minus the method's, per image, then mean ± 95% CI (Student t) of those "
+                      ("CAAP's value minus the method's, per image, then mean ± 95% CI (Student t) of those "
                       "differences; `+` CAAP better, `-` CAAP worse (the interval excludes 0 on that side, in the "
-                      "metric's direction), `=` the interval contains 0.", ""]
+                      "metric's direction), `=` the interval contains 0."), ""]
     parts += [
-        "Mean ± half-width of the 95% confidence interval (Student t) over images; ↑ higher is better, "
+        ("Mean ± half-width of the 95% confidence interval (Student t) over images; ↑ higher is better, "
         "↓ lower is better; bold: the best mean of a column. Undefined values (e.g. no positive mass for box "
-        "energy) are left out of the mean.",
+        "energy) are left out of the mean."),
         "",
         "Metric settings: " + "; ".join(f"`{metric_key(v)}`" for v in metrics.values()),
         "",
@@ -373,8 +373,8 @@ def write_outputs(rows: list[dict[str, Any]], grids: dict[str, Any], models: lis
     summary = "\n".join(parts) + "\n"
     (out / "summary.md").write_text(summary)
 
-    lines = [f"# Runtime per image ({n} images, `{args.split}`, device {args.device}, "
-             f"chunks of {args.batch_size} images, {args.forward_batch} rows per forward pass)", ""]
+    lines = [(f"# Runtime per image ({n} images, `{args.split}`, device {args.device}, "
+             f"chunks of {args.batch_size} images, {args.forward_batch} rows per forward pass)"), ""]
     for name, _ in models:
         body = []
         for me in methods:
@@ -518,10 +518,10 @@ def estimate(model: Any, name: str, methods: list[str], metrics: dict[str, Metri
     text = "\n".join([
         f"# Cost estimate: {name}, {n} images of `{args.split}`, {nm} methods, {len(metrics)} metrics",
         "",
-        f"Measured on {k} images, device {args.device}, {threads} threads; a plain forward pass now: "
+        (f"Measured on {k} images, device {args.device}, {threads} threads; a plain forward pass now: "
         f"{throughput:.1f} images/s, {cpu_pass * 1000:.0f} CPU ms per image. 'now': wall time at this moment's "
         f"load; 'idle': CPU seconds / {threads} threads, the time on an idle machine (a lower bound); "
-        "'passes': the cost in plain forward passes per image, independent of the machine.",
+        "'passes': the cost in plain forward passes per image, independent of the machine."),
         "",
         "## Maps (per method)",
         "",
@@ -531,12 +531,12 @@ def estimate(model: Any, name: str, methods: list[str], metrics: dict[str, Metri
         "",
         markdown_table(["metric", *cols, f"{n} images x {nm} methods now", "idle"], rows_t),
         "",
-        f"All metrics together, sharing forward passes ({(sp.forwards - before) / k:.0f} forward passes per image "
+        (f"All metrics together, sharing forward passes ({(sp.forwards - before) / k:.0f} forward passes per image "
         f"and method): {shared[0]} s / image now, {shared[1]} CPU s, {shared[2]} passes; {shared[3]} now, "
-        f"{shared[4]} idle for the run.",
+        f"{shared[4]} idle for the run."),
         "",
-        f"**Whole run: {seconds_text(total_now)} at this moment's load, about {seconds_text(total_idle)} on an "
-        f"idle machine.**",
+        (f"**Whole run: {seconds_text(total_now)} at this moment's load, about {seconds_text(total_idle)} on an "
+        f"idle machine.**"),
         "",
         "Settings: " + " ".join(command_flags(args)),
     ])

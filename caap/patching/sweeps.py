@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from einops import rearrange
 from torch import Tensor
 
 from caap.patching.engine import (
@@ -29,7 +28,8 @@ from caap.patching.engine import (
     run_interventions,
     unpatched_scores,
 )
-from hooked_vit.names import COMPONENTS, HEAD_COMPONENTS, act_name
+from hooked_vit.names import COMPONENTS, HEAD_COMPONENTS, act_name  # noqa: F401 - COMPONENTS: caap.patching re-exports it
+
 
 @dataclass
 class SweepResult:
