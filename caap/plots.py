@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from hooked_vit.preprocess import unnormalize
+
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
@@ -120,18 +122,16 @@ def denormalize(pixels: Tensor | np.ndarray, data_config: Any) -> np.ndarray:
     `ToTensor + Normalize` for uint8 images.
     """
     cfg = _resolve_data_config(data_config)
-    mean = np.asarray(cfg["mean"], dtype=np.float64).reshape(-1)
-    std = np.asarray(cfg["std"], dtype=np.float64).reshape(-1)
     x = _to_numpy(pixels, "pixels").astype(np.float64)
     if x.ndim == 4 and x.shape[0] == 1:
         x = x[0]
-    c = len(mean)
-    if x.ndim != 3 or x.shape[0] != c or len(std) != c:
+    c = len(cfg["mean"])
+    if x.ndim != 3 or x.shape[0] != c or len(cfg["std"]) != c:
         raise ValueError(
             f"pixels must be normalised model pixels [{c}, H, W] or [1, {c}, H, W] (one image; index a batch "
             f"first), matching the data config's {c} channel means; got shape {tuple(x.shape)}"
         )
-    x = x * std[:, None, None] + mean[:, None, None]
+    x = unnormalize(torch.from_numpy(x)[None], cfg)[0].numpy()
     out = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8).transpose(1, 2, 0)
     if c == 1:
         out = np.repeat(out, 3, axis=-1)

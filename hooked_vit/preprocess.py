@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
@@ -101,3 +102,81 @@ def preprocess(images: ImageLike | Sequence[ImageLike], data_config: dict[str, A
         raise ValueError("no images given")
     transform = make_transform(data_config)
     return torch.stack([transform(load_image(im)) for im in images])
+
+
+# ---------------------------------------------------------------------------------------------- pixel space
+# Two spaces: unit RGB (each channel in [0, 1], what an image file holds) and the model's normalised
+# pixels ((unit - mean) / std per channel, timm's data config: what `preprocess` returns and the model
+# reads). Every "black image", "mid-grey image", blur and un-normalisation in the project goes through here.
+
+
+def _stats(data_config: Any, like: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, std) as [1, C, 1, 1] tensors in `like`'s device and dtype (1 or C values in the config)."""
+    cfg = getattr(data_config, "data_config", data_config)  # a HookedViT carries its config
+    if not hasattr(cfg, "get") or cfg.get("mean") is None or cfg.get("std") is None:
+        raise ValueError(
+            "need the input normalisation: timm's data config (a dict with 'mean' and 'std', e.g. "
+            f"model.data_config) or a model carrying one; got {type(cfg).__name__}"
+        )
+    c = like.shape[1] if like.ndim == 4 else 1
+    mean = torch.as_tensor(cfg["mean"], dtype=torch.float64).reshape(-1)
+    std = torch.as_tensor(cfg["std"], dtype=torch.float64).reshape(-1)
+    if mean.numel() not in (1, c) or std.numel() not in (1, c):
+        raise ValueError(f"mean/std must have 1 or {c} values, got {mean.tolist()} / {std.tolist()}")
+    kw = {"device": like.device, "dtype": like.dtype}
+    return mean.view(1, -1, 1, 1).to(**kw), std.view(1, -1, 1, 1).to(**kw)
+
+
+def normalize(unit: Float[Tensor, "batch 3 height width"], data_config: Any) -> Float[Tensor, "batch 3 height width"]:
+    """Unit RGB [0, 1] -> the model's normalised pixels, `(unit - mean) / std` (float32 at least)."""
+    unit = unit if unit.is_floating_point() else unit.float()
+    mean, std = _stats(data_config, unit)
+    return (unit - mean) / std
+
+
+def unnormalize(pixels: Float[Tensor, "batch 3 height width"], data_config: Any) -> Float[Tensor, "batch 3 height width"]:
+    """The model's normalised pixels -> unit RGB, `pixels * std + mean` (not clipped)."""
+    mean, std = _stats(data_config, pixels)
+    return pixels * std + mean
+
+
+def constant_image(
+    value: float, size: tuple[int, int], data_config: Any, batch: int = 1, channels: int = 3,
+    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+) -> Float[Tensor, "batch 3 height width"]:
+    """An image of one unit-RGB `value` everywhere (0: black, 0.5: mid-grey) in the model's normalised
+    pixels, [batch, channels, H, W]."""
+    unit = torch.full((1, channels, 1, 1), float(value), device=device)
+    return normalize(unit, data_config).to(dtype).expand(batch, channels, *size)
+
+
+def gaussian_blur(
+    pixels: Float[Tensor, "batch chan height width"],
+    sigma: float,
+    kernel_size: int | None = None,
+    padding: Literal["reflect", "zeros"] = "reflect",
+) -> Float[Tensor, "batch chan height width"]:
+    """Each channel blurred by a normalised Gaussian of `sigma` pixels, separably (rows, then columns).
+
+    `kernel_size`: odd; default 2 * radius + 1 with radius = max(1, int(3 sigma)), capped at the image
+    size - 1. `padding`: "reflect" (mirror the border) or "zeros" (zeros outside the image, as
+    `conv2d(padding=...)`). The callers state theirs: CAAP's blur context (`caap.contexts`, sigma 10,
+    reflect) and the metrics' "blur" substrate (RISE: kernel 11, sigma 5, zeros)."""
+    if padding not in ("reflect", "zeros"):
+        raise ValueError(f"padding must be 'reflect' or 'zeros', got {padding!r}")
+    if kernel_size is None:
+        radius = min(max(1, int(3 * sigma)), min(pixels.shape[-2:]) - 1)
+    elif kernel_size % 2 != 1 or kernel_size < 1:
+        raise ValueError(f"blur kernel_size must be odd and positive, got {kernel_size}")
+    else:
+        radius = kernel_size // 2
+    x = torch.arange(-radius, radius + 1, device=pixels.device, dtype=torch.float32)
+    k = torch.exp(-(x**2) / (2 * float(sigma) ** 2))
+    k = (k / k.sum()).to(pixels.dtype)
+    c = pixels.shape[1]
+    rows, cols = k.view(1, 1, 1, -1).expand(c, 1, 1, -1), k.view(1, 1, -1, 1).expand(c, 1, -1, 1)
+    if padding == "reflect":
+        out = F.pad(pixels, (radius, radius, radius, radius), mode="reflect")
+        return F.conv2d(F.conv2d(out, rows, groups=c), cols, groups=c)
+    out = F.conv2d(pixels, rows, padding=(0, radius), groups=c)
+    return F.conv2d(out, cols, padding=(radius, 0), groups=c)

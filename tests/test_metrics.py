@@ -28,10 +28,10 @@ from caap.metrics import (
     NegativePerturbation,
     PointingGame,
     PositivePerturbation,
-    gaussian_blur,
     get_metric,
     max_points,
 )
+from hooked_vit.preprocess import gaussian_blur
 
 H = W = 32
 P = 8
@@ -175,15 +175,19 @@ def test_maps_at_other_resolutions_rank_the_same_cells(setup):
     assert torch.allclose(a, m(model, pixels, as_grid, 0))
 
 
+def rise_blur(x):
+    return gaussian_blur(x, 5.0, 11, "zeros")  # the metrics' "blur" substrate
+
+
 def test_blur_substrate(setup):
     model, pixels = setup
     img = torch.randn(2, 3, 40, 40)
-    blurred = gaussian_blur(torch.ones(1, 3, 40, 40))
+    blurred = rise_blur(torch.ones(1, 3, 40, 40))
     assert torch.allclose(blurred[..., 5:-5, 5:-5], torch.ones(1, 3, 30, 30), atol=1e-5)  # kernel sums to 1
     assert blurred[0, 0, 0, 0] < 1  # zero padding at the border, as RISE
-    assert gaussian_blur(img).shape == img.shape
+    assert rise_blur(img).shape == img.shape
     # insertion from the blurred image: the target logit is W.blur(x) + the revealed cells' W.(x - blur(x))
-    sub = gaussian_blur(pixels)
+    sub = rise_blur(pixels)
     base = (model.w * sub[0]).sum().item()
     gain = (model.w * (pixels[0] - sub[0])).sum(0).view(G, P, G, P).sum((1, 3)).flatten()
     x = [t / N for t in range(N + 1)]

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from caap.targets import Score, class_score
 from hooked_vit import HookedViT, act_name
+from hooked_vit.preprocess import constant_image
 
 Readout = Literal["auto", "class", "pooled"]
 BASELINE_SCORES = ("logit", "prob", "log_prob")
@@ -81,14 +82,6 @@ def patch_slice(model: HookedViT) -> slice:
     return slice(model.cfg.n_prefix_tokens, None)
 
 
-def norm_stats(model: HookedViT) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) of the model's input normalisation (timm's ImageNet defaults where unknown)."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-    cfg = model.data_config or {}
-    return tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
-
-
 BASELINE_HELP = (
     "'zero' (zeros in normalised space: the normalisation mean colour), 'black' (pixel value 0 before "
     "normalisation), 'mean' (each image's own per-channel mean), a float (in normalised space), or a tensor "
@@ -107,13 +100,8 @@ def baseline_pixels(
     if baseline == "zero":
         return torch.zeros_like(pixels)
     if baseline == "black":
-        mean, std = norm_stats(model)
-        c = pixels.shape[1]
-        if len(mean) != c:
-            mean, std = (mean * c)[:c], (std * c)[:c]
-        kw = dict(dtype=pixels.dtype, device=pixels.device)
-        value = -torch.tensor(mean, **kw) / torch.tensor(std, **kw)
-        return value.view(1, c, 1, 1).expand_as(pixels)
+        b, c, h, w = pixels.shape
+        return constant_image(0.0, (h, w), model.data_config, b, c, pixels.device, pixels.dtype)
     if baseline == "mean":
         return pixels.mean(dim=(2, 3), keepdim=True).expand_as(pixels)
     raise ValueError(f"baseline={baseline!r} is not accepted; use {BASELINE_HELP}")

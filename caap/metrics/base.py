@@ -143,11 +143,12 @@ def grid_for(size: tuple[int, int], patch_size: tuple[int, int]) -> tuple[int, i
     return (h // ph, w // pw)
 
 
-def resolve_mean_std(
+def normalisation(
     model: Any, mean: Sequence[float] | None, std: Sequence[float] | None, what: str
-) -> tuple[Tensor, Tensor]:
-    """The per-channel normalisation (the metric's own, else `model.data_config`), needed to place a
-    substrate defined in raw [0, 1] pixel space ("black", "uniform") into the normalised input space."""
+) -> dict[str, Sequence[float]]:
+    """The per-channel normalisation {"mean", "std"} (the metric's own, else `model.data_config`), needed
+    to place a substrate defined in unit RGB ("black", "uniform") into the normalised input space
+    (`hooked_vit.preprocess.normalize`)."""
     cfg = getattr(model, "data_config", None) or {}
     mean = mean if mean is not None else cfg.get("mean")
     std = std if std is not None else cfg.get("std")
@@ -157,7 +158,7 @@ def resolve_mean_std(
             f"mean=... and std=... to the metric (a HookedViT carries them in model.data_config), or use "
             f"substrate='zero'"
         )
-    return torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+    return {"mean": mean, "std": std}
 
 
 def check_pixels(pixels: Any) -> Tensor:

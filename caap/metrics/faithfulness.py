@@ -26,7 +26,8 @@ pixels. Ties are broken in raster order (stable sort).
 Substrates (what a deleted unit becomes, or what an inserted image starts from), in the normalised input
 space the model reads:
     "zero"     the zero tensor, i.e. the dataset's mean colour (RISE's deletion substrate).
-    "blur"     the image blurred with an 11x11 Gaussian of sigma 5 and zero padding, RISE's insertion
+    "blur"     the image blurred with an 11x11 Gaussian of sigma 5 and zero padding
+               (`hooked_vit.preprocess.gaussian_blur(pixels, 5, 11, "zeros")`), RISE's insertion
                substrate (RISE builds the kernel by filtering a delta with scipy's reflect mode; this is
                the plain normalised Gaussian, which differs slightly).
     "black"    zero in raw [0, 1] pixels, i.e. (0 - mean) / std: what Chefer et al.'s code masks with.
@@ -45,7 +46,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -58,12 +58,13 @@ from caap.metrics.base import (
     check_pixels,
     grid_for,
     model_device,
+    normalisation,
     pool_maps_to_grid,
-    resolve_mean_std,
     resolve_patch_size,
     upsample_maps,
 )
 from caap.targets import Score, Target, check_classes, check_score, class_score, resolve_targets
+from hooked_vit.preprocess import gaussian_blur, normalize
 
 Substrate = Literal["zero", "blur", "black", "uniform"] | Tensor | Callable[[Tensor], Tensor]
 Level = Literal["patch", "pixel"]
@@ -77,23 +78,6 @@ PROGRESS_MIN_CALLS = 20
 
 
 # ---------------------------------------------------------------------------------------------- substrates
-def gaussian_blur(
-    pixels: Float[Tensor, "batch chan H W"], kernel_size: int = 11, sigma: float = 5.0
-) -> Float[Tensor, "batch chan H W"]:
-    """Each channel convolved with a normalised `kernel_size` x `kernel_size` Gaussian, zero padding
-    (as RISE, Petsiuk et al. 2018: kernel 11, sigma 5)."""
-    if kernel_size % 2 != 1 or kernel_size < 1:
-        raise ValueError(f"blur kernel_size must be odd and positive, got {kernel_size}")
-    r = kernel_size // 2
-    x = torch.arange(kernel_size, dtype=torch.float32, device=pixels.device) - r
-    g = torch.exp(-(x**2) / (2 * float(sigma) ** 2))
-    k = torch.outer(g, g)
-    k = k / k.sum()
-    c = pixels.shape[1]
-    weight = k.expand(c, 1, kernel_size, kernel_size).to(pixels.dtype)
-    return F.conv2d(pixels, weight, padding=r, groups=c)
-
-
 def make_substrate(
     pixels: Float[Tensor, "batch chan H W"],
     substrate: Substrate,
@@ -112,20 +96,16 @@ def make_substrate(
     c = pixels.shape[1]
     if substrate == "zero":
         return torch.zeros_like(pixels)
-    if substrate == "blur":
-        return gaussian_blur(pixels, blur_kernel, blur_sigma)
+    if substrate == "blur":  # RISE's substrate: zero padding
+        return gaussian_blur(pixels, blur_sigma, blur_kernel, padding="zeros")
     if substrate in ("black", "uniform"):
-        m, s = resolve_mean_std(model, mean, std, substrate)
-        if m.numel() not in (1, c) or s.numel() not in (1, c):
-            raise ValueError(f"mean/std must have 1 or {c} values, got {m.tolist()} / {s.tolist()}")
-        m = m.view(1, -1, 1, 1).to(pixels.device)
-        s = s.view(1, -1, 1, 1).to(pixels.device)
+        norm = normalisation(model, mean, std, substrate)
         if substrate == "black":
-            raw = torch.zeros(1, c, 1, 1, device=pixels.device)
+            unit = torch.zeros(1, c, 1, 1, device=pixels.device)
         else:
             gen = torch.Generator().manual_seed(seed)
-            raw = torch.rand(tuple(pixels.shape), generator=gen).to(pixels.device)
-        return ((raw - m) / s).to(pixels.dtype).expand_as(pixels)
+            unit = torch.rand(tuple(pixels.shape), generator=gen).to(pixels.device)
+        return normalize(unit, norm).to(pixels.dtype).expand_as(pixels)
     raise ValueError(
         f"unknown substrate {substrate!r}; accepted: 'zero', 'blur', 'black', 'uniform', a tensor, or a callable"
     )
