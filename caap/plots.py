@@ -27,7 +27,6 @@ import os
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from caap.stats import mean_ci
 from hooked_vit.preprocess import unnormalize
 
 if TYPE_CHECKING:
@@ -593,31 +593,9 @@ def _text_colour(rgba: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- benchmark summaries
-def _t_quantile(p: float, df: int) -> float:
-    """Student's t quantile without scipy: exact for 1 and 2 degrees of freedom, a Cornish-Fisher
-    expansion beyond (error < 0.01 at df >= 3 for p = 0.975)."""
-    if df == 1:
-        return math.tan(math.pi * (p - 0.5))
-    if df == 2:
-        return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
-    z = NormalDist().inv_cdf(p)
-    g1 = (z**3 + z) / 4
-    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
-    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
-    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
-    return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
-
-
 def _mean_ci(values: Any, ci: float) -> tuple[float, float, float, int]:
-    v = _to_numpy(values, "values").astype(np.float64).reshape(-1)
-    v = v[np.isfinite(v)]
-    n = int(v.size)
-    if n == 0:
-        return math.nan, math.nan, math.nan, 0
-    mean = float(v.mean())
-    if n == 1:
-        return mean, math.nan, math.nan, 1
-    half = _t_quantile(0.5 + ci / 2, n - 1) * float(v.std(ddof=1)) / math.sqrt(n)
+    """(mean, lo, hi, n): `caap.stats.mean_ci` as an interval."""
+    mean, half, n = mean_ci(_to_numpy(values, "values"), ci)
     return mean, mean - half, mean + half, n
 
 

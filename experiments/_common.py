@@ -27,7 +27,6 @@ from caap.cpu import keep_freed_memory
 from caap.data import VAL_BOXES, Sample, box_mask, load_manifest, sample_mask, shared_data_dir
 from caap.metrics import METRICS, Metric, PerturbationCurve, PerturbationMetric, get_metric, make_substrate, unit_ranks
 from caap.metrics.base import as_map_batch, grid_for, resolve_patch_size
-from caap.plots import summarize
 from caap.targets import class_score
 
 
@@ -370,14 +369,6 @@ def scores_for_chunk(
 
 
 # ---------------------------------------------------------------------------------------------- tables
-def mean_ci(values: Any) -> tuple[float, float, int]:
-    """(mean, half-width of the t-based 95% confidence interval, n) over the finite values; the same
-    numbers as the bar charts' error bars (`caap.plots.summarize`)."""
-    r = summarize({"x": np.asarray(values, dtype=np.float64)})[0]
-    half = (r["hi"] - r["lo"]) / 2 if r["n"] > 1 else float("nan")
-    return r["mean"], half, r["n"]
-
-
 def fmt(mean: float, half: float, digits: int = 3) -> str:
     if math.isnan(mean):
         return "n/a"

@@ -66,7 +66,6 @@ from _common import (
     load_chunk,
     load_samples,
     markdown_table,
-    mean_ci,
     metric_key,
     positive,
     rank_of,
@@ -84,6 +83,7 @@ from caap.contexts import CONTEXT_NAMES, get_context
 from caap.data import DEFAULT_MODEL
 from caap.metrics import METRICS, Metric
 from caap.models import load_model
+from caap.stats import mean_ci
 from caap_defaults import named_ranges
 
 Tensor = torch.Tensor

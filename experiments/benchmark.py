@@ -87,7 +87,6 @@ from _common import (
     load_chunk,
     load_samples,
     markdown_table,
-    mean_ci,
     metric_key,
     positive,
     run_main,
@@ -104,6 +103,7 @@ from caap.baselines import BASELINES, get_baseline
 from caap.data import DEFAULT_MODEL, class_name
 from caap.metrics import METRICS, Metric
 from caap.models import load_model
+from caap.stats import mean_ci
 
 Tensor = torch.Tensor
 

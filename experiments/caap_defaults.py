@@ -11,7 +11,8 @@ ImageNet boxes. Maps are saved (one .npz per setting) so that other experiments 
 The README's defaults came from these two commands, a two-stage search to fit the CPU budget: first the
 layer range with the mean context (the context the authors mention), then the context at the best range.
 
-Prints a markdown table (mean and 95% confidence interval per setting) and writes it with a CSV.
+Prints a markdown table (mean and Student-t 95% confidence interval per setting, `caap.stats.mean_ci`)
+and writes it with a CSV.
 Ranges are named for a model of depth n: early = blocks [0, n/3), mid = [n/3, 2n/3), late = [2n/3, n),
 all = [0, n) (0-indexed, inclusive ends in the table).
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import sys
 import time
 from pathlib import Path
@@ -34,18 +34,12 @@ from caap.contexts import get_context
 from caap.data import DEFAULT_MODEL, VAL_BOXES, load_manifest, sample_mask, shared_data_dir
 from caap.metrics import BoxEnergy, PointingGame
 from caap.models import load_model
+from caap.stats import mean_ci
 
 
 def named_ranges(n_layers: int) -> dict[str, tuple[int, int]]:
     a, b = round(n_layers / 3), round(2 * n_layers / 3)
     return {"early": (0, a - 1), "mid": (a, b - 1), "late": (b, n_layers - 1), "all": (0, n_layers - 1)}
-
-
-def mean_ci(values: np.ndarray) -> tuple[float, float]:
-    v = values[~np.isnan(values)]
-    if len(v) < 2:
-        return float(v.mean()) if len(v) else float("nan"), float("nan")
-    return float(v.mean()), float(1.96 * v.std(ddof=1) / math.sqrt(len(v)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds = time.perf_counter() - t0
             pg = pointing(None, pixels, maps, masks=masks).numpy()
             be = energy(None, pixels, maps, masks=masks).numpy()
-            (pg_m, pg_ci), (be_m, be_ci) = mean_ci(pg), mean_ci(be)
+            (pg_m, pg_ci, _), (be_m, be_ci, _) = mean_ci(pg), mean_ci(be)
             rows.append(dict(context=ctx_name, range=range_name, layers=f"{layers[0]}-{layers[1]}",
                              pointing_game=pg_m, pointing_game_ci=pg_ci, box_energy=be_m, box_energy_ci=be_ci,
                              n=len(samples), seconds=seconds))

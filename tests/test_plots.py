@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from caap import plots as P
+from caap.stats import t_quantile
 
 MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
@@ -387,7 +388,7 @@ def test_head_figure(tmp_path):
 # ----------------------------------------------------------------------------- bar charts
 def test_t_quantile():
     for df, want in [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (29, 2.0452), (100, 1.9840)]:
-        assert P._t_quantile(0.975, df) == pytest.approx(want, abs=2e-3)
+        assert t_quantile(0.975, df) == pytest.approx(want, abs=2e-3)
 
 
 def test_bar_chart_from_raw_values_and_summaries(tmp_path):
@@ -401,7 +402,7 @@ def test_bar_chart_from_raw_values_and_summaries(tmp_path):
     )
     bar = fig.data[0]
     assert list(bar.x) == ["caap", "rand", "fixed"]
-    half = P._t_quantile(0.975, 39) * raw.std(ddof=1) / math.sqrt(40)
+    half = t_quantile(0.975, 39) * raw.std(ddof=1) / math.sqrt(40)
     assert bar.y[0] == pytest.approx(raw.mean())
     assert bar.error_y.array[0] == pytest.approx(half) and bar.error_y.arrayminus[0] == pytest.approx(half)
     assert bar.error_y.array[1] == pytest.approx(0.1) and bar.error_y.arrayminus[1] == pytest.approx(0.05)
