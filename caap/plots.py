@@ -55,6 +55,7 @@ __all__ = [
     "bar_chart",
     "summarize",
     "save_html",
+    "text_colour",
 ]
 
 Box = tuple[float, float, float, float]
@@ -574,7 +575,7 @@ def save_heatmap_png(
             setter(range(n_ticks), [str(x) for x in labels])
     if annotate if annotate is not None else r * c <= 400:
         for (i, j), val in np.ndenumerate(v):
-            ax.text(j, i, f"{val:.2g}", ha="center", va="center", fontsize=7, color=_text_colour(im.cmap(im.norm(val))))
+            ax.text(j, i, f"{val:.2g}", ha="center", va="center", fontsize=7, color=text_colour(im.cmap(im.norm(val))))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
@@ -586,7 +587,7 @@ def save_heatmap_png(
     return path
 
 
-def _text_colour(rgba: Any) -> str:
+def text_colour(rgba: Any) -> str:
     """White text on a dark cell, black on a light one (by the cell colour's luminance, any colour map)."""
     r, g, b = rgba[:3]
     return "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"

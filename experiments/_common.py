@@ -1,6 +1,6 @@
 """What the experiment scripts share: one-line command-line errors, the evaluation data of a manifest
-folder, the metric settings of the reported tables, faithfulness metrics evaluated with shared forward
-passes, per-chunk caches, and markdown tables.
+folder, the metric and method settings of the reported tables, CAAP's named layer ranges, per-chunk caches of
+maps and metric values (computed with `caap.metrics.Evaluator`), and markdown tables.
 
 Not a module of the `caap` package: the scripts in `experiments/` import it by putting their own folder
 on `sys.path` (they are run as `python experiments/<script>.py`, or imported by the tests).
@@ -25,9 +25,7 @@ from torch import Tensor
 
 from caap.cpu import keep_freed_memory
 from caap.data import VAL_BOXES, Sample, box_mask, load_manifest, sample_mask, shared_data_dir
-from caap.metrics import METRICS, Metric, PerturbationCurve, PerturbationMetric, get_metric, make_substrate, unit_ranks
-from caap.metrics.base import as_map_batch, grid_for, resolve_patch_size
-from caap.targets import class_score
+from caap.metrics import METRICS, Evaluator, Metric, get_metric
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -110,7 +108,7 @@ def metric_settings(steps: int = STEPS, aopc_steps: int = AOPC_STEPS) -> dict[st
     i.e. 13 methods x 651 images ~ 5.2 M forward passes: ~34 h on an idle 2-core CPU (ViT-Tiny, ~24 ms
     per image and pass). Here:
       insertion, deletion   patch level, `steps` equal steps (default 16: 15 forward passes per image,
-                            the two ends being shared, see `SharedPerturbation`), AUC over [0, 1];
+                            the two ends being shared, see `caap.metrics.Evaluator`), AUC over [0, 1];
       morf, lerf            patch level, `aopc_steps` single-patch steps (default 16);
       positive/negative_perturbation  Chefer et al.'s 9 steps (unchanged);
       localisation          no forward pass at all (unchanged).
@@ -141,7 +139,7 @@ def build_metrics(names: Sequence[str], batch_size: int, steps: int = STEPS, aop
 def metric_key(metric: Metric) -> str:
     """What identifies a metric's values in caches and between scripts: its class and every setting that
     changes its values (not `batch_size` or `progress`)."""
-    settings = {k: v for k, v in metric._settings().items() if k not in ("batch_size", "progress")}
+    settings = {k: v for k, v in metric.settings().items() if k not in ("batch_size", "progress")}
     return f"{type(metric).__name__}({', '.join(f'{k}={v!r}' for k, v in settings.items())})"
 
 
@@ -154,105 +152,46 @@ def header(name: str, metric: Metric) -> str:
     return f"{name} {arrow(metric)}"
 
 
-class SharedPerturbation:
-    """The faithfulness metrics of one chunk of images, with every forward pass that can be shared done once.
+# ---------------------------------------------------------------------------------------------- methods
+RISE_MASKS = 500
+"""RISE: 500 masks instead of the paper's 4000 (Petsiuk et al. 2018, for ResNet-50). Each mask costs one
+forward pass per image: 4000 masks would take ~17 h for 651 images on an idle 2-core CPU, 500 take ~2.1 h
+(measured). The map is a Monte-Carlo average, so its noise grows as 1/sqrt(N): ~2.8x that of 4000 masks
+(how much that moves the metrics was not measured here; `--rise-masks` sets it)."""
 
-    Perturbation metrics differ in their order (most / least relevant first), mode (insert / delete),
-    substrate and steps. Metrics with the same (mode, order, level, substrate) perturb the same images:
-    one pass over the union of their steps serves all of them (e.g. deletion and MoRF: both delete the
-    most relevant patches first into the zero substrate), and each pass yields every score they need
-    (probability, logit, top-1 accuracy) from the same logits. The two ends of every curve do not depend
-    on the map: the unperturbed image (the clean logits, computed once per image and shared by every
-    method and metric) and the fully perturbed one (once per image and substrate). Values equal the
-    metrics' own `metric(model, pixels, maps, targets)` (a test says so).
-    """
+IG_STEPS = 16
+"""Integrated gradients: 16 Gauss-Legendre steps (Captum's default 50); a forward and a backward pass per
+step (~10 min for 651 images, idle). Gauss-Legendre quadrature of the smooth path integral needs far
+fewer points than a Riemann sum; `--ig-steps` sets it."""
 
-    def __init__(self, model: Any, pixels: Tensor, targets: Tensor, clean_logits: Tensor, batch_size: int = 64):
-        self.model, self.pixels, self.targets, self.batch_size = model, pixels, targets.to(pixels.device), batch_size
-        self.clean = clean_logits.to(pixels.device)
-        self.size = (pixels.shape[-2], pixels.shape[-1])
-        self._substrates: dict[Any, tuple[Tensor, Tensor]] = {}
-        self.forwards = 0
-
-    def _substrate(self, m: PerturbationMetric) -> tuple[Any, Tensor, Tensor]:
-        """(key, substrate images, logits of the fully substituted images)."""
-        sub = m.substrate
-        key: Any = id(m)  # a tensor or callable substrate: not shared
-        if isinstance(sub, str):
-            key = (sub, m.blur_kernel, m.blur_sigma, m.seed, repr(m.mean), repr(m.std))
-        if key not in self._substrates:
-            s = make_substrate(self.pixels, sub, self.model, m.mean, m.std, m.blur_kernel, m.blur_sigma, m.seed)
-            self._substrates[key] = (s, self._forward(s))
-        return key, *self._substrates[key]
-
-    @torch.inference_mode()
-    def _forward(self, x: Tensor) -> Tensor:
-        self.forwards += x.shape[0]
-        return torch.cat([self.model(x[i : i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)])
-
-    @torch.inference_mode()
-    def evaluate(self, maps: Tensor, metrics: dict[str, Metric]) -> dict[str, Tensor]:
-        """{name: values [batch]} for the faithfulness metrics among `metrics` (others are skipped)."""
-        model, pixels = self.model, self.pixels
-        b = pixels.shape[0]
-        maps = as_map_batch(maps, b).to(pixels.device)
-        groups: dict[Any, list[tuple[str, PerturbationMetric]]] = {}
-        for name, m in metrics.items():
-            if isinstance(m, PerturbationMetric):
-                key, _, _ = self._substrate(m)
-                groups.setdefault((m.mode, m.order, m.level, m.interpolation, key), []).append((name, m))
-        out: dict[str, Tensor] = {}
-        for (mode, order, level, interpolation, key), members in groups.items():
-            patch = resolve_patch_size(model, members[0][1].patch_size)
-            gh, gw = grid_for(self.size, patch)
-            ranks, n_units = unit_ranks(maps, self.size, patch, level, order, interpolation)
-            steps = {name: m._steps(n_units, gh * gw) for name, m in members}
-            counts = sorted({int(c) for c, _ in steps.values() for c in c.tolist()})
-            kinds = sorted({m.score for _, m in members})
-            sub, sub_logits = self._substrates[key][0], self._substrates[key][1]
-            logits_at: dict[int, Tensor] = {}
-            for c in counts:  # the two ends of the curve do not depend on the map
-                if c in (0, n_units):
-                    logits_at[c] = self.clean if (c == 0) == (mode == "delete") else sub_logits
-            inner = [c for c in counts if c not in logits_at]
-            scores = {k: torch.empty(b, len(counts), device=pixels.device) for k in kinds}
-            col = {c: j for j, c in enumerate(counts)}
-            for c, lg in logits_at.items():
-                for k in kinds:
-                    scores[k][:, col[c]] = class_score(lg, self.targets, k)
-            if inner:
-                ic = torch.tensor(inner, device=pixels.device)
-                total = b * len(inner)
-                for start in range(0, total, self.batch_size):
-                    pair = torch.arange(start, min(start + self.batch_size, total), device=pixels.device)
-                    img, step = pair // len(inner), pair % len(inner)
-                    changed = (ranks[img] < ic[step][:, None, None])[:, None]
-                    if mode == "delete":
-                        x = torch.where(changed, sub[img], pixels[img])
-                    else:
-                        x = torch.where(changed, pixels[img], sub[img])
-                    lg = model(x)
-                    self.forwards += x.shape[0]
-                    cols = torch.tensor([col[inner[s]] for s in step.tolist()], device=pixels.device)
-                    for k in kinds:
-                        scores[k][img, cols] = class_score(lg, self.targets[img], k)
-            for name, m in members:
-                c, fractions = steps[name]
-                idx = torch.tensor([col[int(v)] for v in c.tolist()], device=pixels.device)
-                curve = PerturbationCurve(fractions.float().cpu(), scores[m.score][:, idx].float().cpu())
-                out[name] = m._reduce(m._finish(curve)).float()
-        return out
+SMOOTHGRAD_SAMPLES = 16
+"""SmoothGrad: 16 noisy samples (the paper's 50); a forward and a backward pass per sample (~9 min for 651
+images, idle); the averaging noise grows as 1/sqrt(n). `--smoothgrad-samples` sets it."""
 
 
-def evaluate_chunk(
-    shared: SharedPerturbation, maps: Tensor, metrics: dict[str, Metric], masks: Tensor
-) -> dict[str, np.ndarray]:
-    """Every metric of `metrics` on one chunk's maps: {name: values [batch]} (NaN where undefined)."""
-    values = shared.evaluate(maps, metrics)
-    for name, m in metrics.items():
-        if name not in values:
-            values[name] = m(None, None, maps, masks=masks)
-    return {name: values[name].numpy().astype(np.float64) for name in metrics}
+def method_settings(
+    forward_batch: int, seed: int, rise_masks: int = RISE_MASKS, ig_steps: int = IG_STEPS,
+    smoothgrad_samples: int = SMOOTHGRAD_SAMPLES,
+) -> dict[str, dict[str, Any]]:
+    """Constructor settings per method: only the cost knobs differ from the classes' defaults (see the
+    constants above), plus the rows per forward pass and the seed."""
+    fb = forward_batch
+    return {
+        "caap": {},  # CAAP(model): its defaults, nothing else
+        "random": {"seed": seed},
+        "rise": {"n_masks": rise_masks, "seed": seed, "internal_batch_size": fb},
+        "integrated_gradients": {"n_steps": ig_steps, "internal_batch_size": fb},
+        "smoothgrad": {"n_samples": smoothgrad_samples, "seed": seed, "internal_batch_size": fb},
+        "occlusion": {"internal_batch_size": fb},
+        "atman": {"internal_batch_size": fb},
+    }
+
+
+def named_ranges(n_layers: int) -> dict[str, tuple[int, int]]:
+    """CAAP's layer ranges for a model of depth n (inclusive blocks): early = [0, n/3), mid = [n/3, 2n/3),
+    late = [2n/3, n), all = [0, n)."""
+    a, b = round(n_layers / 3), round(2 * n_layers / 3)
+    return {"early": (0, a - 1), "mid": (a, b - 1), "late": (b, n_layers - 1), "all": (0, n_layers - 1)}
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -345,7 +284,7 @@ def save_scores(path: Path, files: list[str], cache: dict[str, Any]) -> None:
 
 
 def scores_for_chunk(
-    path: Path, chunk: Chunk, maps: Tensor, metrics: dict[str, Metric], shared: Callable[[], SharedPerturbation]
+    path: Path, chunk: Chunk, maps: Tensor, metrics: dict[str, Metric], evaluator: Callable[[], Evaluator]
 ) -> tuple[dict[str, np.ndarray], float]:
     """Metric values of one (method, chunk), from the cache where the same metric (same settings,
     `metric_key`) was computed before; the rest computed now and added to the cache. Returns (values, seconds
@@ -354,12 +293,12 @@ def scores_for_chunk(
     done = cache["scores"]
     todo = {n: m for n, m in metrics.items() if metric_key(m) not in done}
     if todo:
-        sp = shared()
-        before = sp.forwards
+        ev = evaluator()
+        before = ev.forwards
         t0 = time.perf_counter()
-        new = evaluate_chunk(sp, maps, todo, chunk.masks)
+        new = ev.evaluate(maps, todo)
         cache["seconds"] = cache.get("seconds", 0.0) + time.perf_counter() - t0
-        cache["forwards"] = cache.get("forwards", 0) + sp.forwards - before
+        cache["forwards"] = cache.get("forwards", 0) + ev.forwards - before
         for n, v in new.items():
             done[metric_key(metrics[n])] = [None if math.isnan(x) else x for x in v.tolist()]
         save_scores(path, chunk.files, cache)

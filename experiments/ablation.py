@@ -14,7 +14,7 @@ scored on the same images, read from a benchmark run's per-image CSV (`--baselin
 for each setting, with the range of ranks it takes.
 
 Contexts: mean, grey, black, blur, noise, zero (`caap.contexts`). Ranges for a model of depth n, as
-`caap_defaults.named_ranges`: early = blocks [0, n/3), mid = [n/3, 2n/3), late = [2n/3, n), all = [0, n).
+`_common.named_ranges`: early = blocks [0, n/3), mid = [n/3, 2n/3), late = [2n/3, n), all = [0, n).
 Components: resid_pre (the residual stream entering each block, CAAP's default), attn_out, mlp_out.
 
 Maps are cached with caap_defaults.py's file names (`maps_<context>_<range>_<split>_<n>.npz`, plus
@@ -43,7 +43,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,7 +56,6 @@ from _common import (
     STEPS,
     Chunk,
     OneLineParser,
-    SharedPerturbation,
     UsageError,
     build_metrics,
     fmt,
@@ -66,7 +64,9 @@ from _common import (
     load_chunk,
     load_samples,
     markdown_table,
+    method_settings,
     metric_key,
+    named_ranges,
     positive,
     rank_of,
     run_main,
@@ -75,16 +75,14 @@ from _common import (
     scores_for_chunk,
     split_list,
 )
-from benchmark import IG_STEPS, RISE_MASKS, SMOOTHGRAD_SAMPLES, method_settings
 from caap import CAAP
 from caap.attribution.caap import CAAP_COMPONENTS, DEFAULT_CONTEXT, default_layers
 from caap.baselines import BASELINES, get_baseline
 from caap.contexts import CONTEXT_NAMES, get_context
 from caap.data import DEFAULT_MODEL
-from caap.metrics import METRICS, Metric
+from caap.metrics import METRICS, Evaluator, Metric
 from caap.models import load_model
 from caap.stats import mean_ci
-from caap_defaults import named_ranges
 
 Tensor = torch.Tensor
 
@@ -230,13 +228,10 @@ def _main(argv: list[str] | None) -> int:
     scores_dir = out / "scores" / safe_name(args.model)
     state: dict[str, Any] = {}
 
-    def shared() -> SharedPerturbation:  # clean logits and substrates: once for every setting and baseline
-        if "sp" not in state:
-            with torch.inference_mode():
-                clean = torch.cat([model(chunk.pixels[i : i + args.forward_batch])
-                                   for i in range(0, n, args.forward_batch)])
-            state["sp"] = SharedPerturbation(model, chunk.pixels, chunk.targets, clean, args.forward_batch)
-        return state["sp"]
+    def evaluator() -> Evaluator:  # clean logits and substrates: once for every setting and baseline
+        if "ev" not in state:
+            state["ev"] = Evaluator(model, chunk.pixels, chunk.targets, chunk.masks, batch_size=args.forward_batch)
+        return state["ev"]
 
     # ------------------------------------------------------------------ baselines
     if args.baselines_csv:
@@ -244,8 +239,7 @@ def _main(argv: list[str] | None) -> int:
         base_source = f"read from {args.baselines_csv}"
     else:
         base_values = {}
-        kw = method_settings(SimpleNamespace(forward_batch=args.forward_batch, seed=args.seed, rise_masks=RISE_MASKS,
-                                             ig_steps=IG_STEPS, smoothgrad_samples=SMOOTHGRAD_SAMPLES))
+        kw = method_settings(args.forward_batch, args.seed)
         for name in baselines:
             path = out / "maps" / safe_name(args.model) / f"baseline_{name}_{args.split}_{n}.npz"
             hit = load_cached_maps(path, files)
@@ -257,7 +251,7 @@ def _main(argv: list[str] | None) -> int:
             else:
                 maps = hit[0]
             base_values[name], _ = scores_for_chunk(
-                scores_dir / f"baseline_{name}_{args.split}_{n}.json", chunk, maps, metrics, shared)
+                scores_dir / f"baseline_{name}_{args.split}_{n}.json", chunk, maps, metrics, evaluator)
         base_source = "computed here on the same images"
 
     # ------------------------------------------------------------------ CAAP settings
@@ -284,7 +278,7 @@ def _main(argv: list[str] | None) -> int:
             reused += 1
         tag = f"{ctx}_{rng}" + ("" if comp == "resid_pre" else f"_{comp}")
         caap_values[(comp, ctx, rng)], _ = scores_for_chunk(
-            scores_dir / f"caap_{tag}_{args.split}_{n}.json", chunk, maps, metrics, shared)
+            scores_dir / f"caap_{tag}_{args.split}_{n}.json", chunk, maps, metrics, evaluator)
     bar.close()
     print(f"CAAP maps: {reused} setting(s) reused from {maps_dir}, {computed} computed", flush=True)
 
@@ -372,7 +366,7 @@ def save_figure(rows: list[dict[str, Any]], metrics: dict[str, Metric], contexts
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    from caap.plots import _text_colour
+    from caap.plots import text_colour
 
     names = list(metrics)
     ncols = min(3, len(names))
@@ -388,7 +382,7 @@ def save_figure(rows: list[dict[str, Any]], metrics: dict[str, Metric], contexts
             row = pick[(contexts[i], ranges[j])]
             text = "n/a" if not np.isfinite(val) else f"{val:.2f}\n{row['rank']}/{row['n_methods']}"
             ax.text(j, i, text, ha="center", va="center", fontsize=6.5,
-                    color=_text_colour(im.cmap(im.norm(val))) if np.isfinite(val) else "black")
+                    color=text_colour(im.cmap(im.norm(val))) if np.isfinite(val) else "black")
             if row["rank"] == 1:
                 ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
         ax.set_xticks(range(len(ranges)), col_labels, fontsize=7)

@@ -16,7 +16,7 @@ whether or not the model predicts it (the CSV says whether it does: `predicted`,
 
 Methods: "caap" is `CAAP(model)` with its defaults (`caap.attribution.caap`: `DEFAULT_CONTEXT`,
 `default_layers`, the residual stream, the logit_diff score; summary.md names them); every other name
-is a `caap.baselines` entry, with the cost settings of `method_settings` (documented there: RISE masks,
+is a `caap.baselines` entry, with the cost settings of `_common.method_settings` (documented there: RISE masks,
 IG steps, SmoothGrad samples).
 Metrics: every `caap.metrics` entry, with the step settings of `_common.metric_settings` (documented
 there). The cost of both is what `--estimate` measures and extrapolates to the full run.
@@ -36,7 +36,7 @@ Outputs under `--out`:
 Speed (the reported table is 651 images on a 2-core CPU): images go in chunks of `--batch-size`; every
 forward pass is batched (`--forward-batch` rows); the clean logits of each image are computed once and
 shared by every method and metric; faithfulness metrics share the forward passes they can (see
-`_common.SharedPerturbation`) and use coarser steps than their papers (see `_common.metric_settings`).
+`caap.metrics.Evaluator`) and use coarser steps than their papers (see `_common.metric_settings`).
 
 Measured cost (`--estimate 3`, ViT-Tiny, 2-core CPU shared with other jobs; "idle" = CPU seconds / 2
 threads, a lower bound for an idle machine; 1 plain forward pass = 47 CPU ms per image), for 651 images:
@@ -73,13 +73,14 @@ from tqdm.auto import tqdm
 
 from _common import (
     AOPC_STEPS,
+    IG_STEPS,
+    RISE_MASKS,
+    SMOOTHGRAD_SAMPLES,
     STEPS,
     OneLineParser,
-    SharedPerturbation,
     UsageError,
     arrow,
     build_metrics,
-    evaluate_chunk,
     fmt,
     header,
     input_frame_boxes,
@@ -87,6 +88,7 @@ from _common import (
     load_chunk,
     load_samples,
     markdown_table,
+    method_settings,
     metric_key,
     positive,
     run_main,
@@ -101,7 +103,7 @@ from caap.attribution import AttributionMethod
 from caap.attribution.caap import DEFAULT_CONTEXT, DEFAULT_LAYER_FRACTIONS, default_layers
 from caap.baselines import BASELINES, get_baseline
 from caap.data import DEFAULT_MODEL, class_name
-from caap.metrics import METRICS, Metric
+from caap.metrics import METRICS, Evaluator, Metric
 from caap.models import load_model
 from caap.stats import mean_ci
 
@@ -110,35 +112,9 @@ Tensor = torch.Tensor
 PROG = "benchmark"
 METHODS = ["caap", *BASELINES]
 
-RISE_MASKS = 500
-"""RISE: 500 masks instead of the paper's 4000 (Petsiuk et al. 2018, for ResNet-50). Each mask costs one
-forward pass per image: 4000 masks would take ~17 h for 651 images on an idle 2-core CPU, 500 take ~2.1 h
-(measured). The map is a Monte-Carlo average, so its noise grows as 1/sqrt(N): ~2.8x that of 4000 masks
-(how much that moves the metrics was not measured here; `--rise-masks` sets it)."""
-
-IG_STEPS = 16
-"""Integrated gradients: 16 Gauss-Legendre steps (Captum's default 50); a forward and a backward pass per
-step (~10 min for 651 images, idle). Gauss-Legendre quadrature of the smooth path integral needs far
-fewer points than a Riemann sum; `--ig-steps` sets it."""
-
-SMOOTHGRAD_SAMPLES = 16
-"""SmoothGrad: 16 noisy samples (the paper's 50); a forward and a backward pass per sample (~9 min for 651
-images, idle); the averaging noise grows as 1/sqrt(n). `--smoothgrad-samples` sets it."""
-
-
-def method_settings(args: Any) -> dict[str, dict[str, Any]]:
-    """Constructor settings per method: only the cost knobs differ from the classes' defaults (see the
-    constants above), plus the rows per forward pass and the seed."""
-    fb = args.forward_batch
-    return {
-        "caap": {},  # CAAP(model): its defaults, nothing else
-        "random": {"seed": args.seed},
-        "rise": {"n_masks": args.rise_masks, "seed": args.seed, "internal_batch_size": fb},
-        "integrated_gradients": {"n_steps": args.ig_steps, "internal_batch_size": fb},
-        "smoothgrad": {"n_samples": args.smoothgrad_samples, "seed": args.seed, "internal_batch_size": fb},
-        "occlusion": {"internal_batch_size": fb},
-        "atman": {"internal_batch_size": fb},
-    }
+def settings_of(args: Any) -> dict[str, dict[str, Any]]:
+    """`method_settings` with this run's flags."""
+    return method_settings(args.forward_batch, args.seed, args.rise_masks, args.ig_steps, args.smoothgrad_samples)
 
 
 def method_tag(name: str, args: Any) -> str:
@@ -148,7 +124,7 @@ def method_tag(name: str, args: Any) -> str:
     cls = CAAP if name == "caap" else BASELINES[name]
     spec = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()
             if v.default is not inspect.Parameter.empty}
-    spec.update(method_settings(args).get(name, {}))
+    spec.update(settings_of(args).get(name, {}))
     spec = {k: v for k, v in spec.items() if k not in ("internal_batch_size", "batch_size", "progress")}
     if name == "caap":
         spec["default_layer_fractions"] = DEFAULT_LAYER_FRACTIONS
@@ -157,7 +133,7 @@ def method_tag(name: str, args: Any) -> str:
 
 
 def make_method(name: str, model: Any, args: Any) -> AttributionMethod:
-    kw = method_settings(args).get(name, {})
+    kw = settings_of(args).get(name, {})
     return CAAP(model, **kw) if name == "caap" else get_baseline(name, model, **kw)
 
 
@@ -226,12 +202,12 @@ def run_model(model: Any, name: str, methods: list[str], metrics: dict[str, Metr
         chunk = load_chunk(model, samples[start : start + args.batch_size], ci, start)
         clean = clean_logits(model, chunk, cache / "clean" / f"{args.split}_{chunk.tag}.npz", args.forward_batch)
         probs = clean.softmax(-1)
-        shared: list[SharedPerturbation] = []
+        evaluators: list[Evaluator] = []
 
-        def get_shared() -> SharedPerturbation:
-            if not shared:
-                shared.append(SharedPerturbation(model, chunk.pixels, chunk.targets, clean, args.forward_batch))
-            return shared[0]
+        def evaluator() -> Evaluator:  # made when a metric is first missing from the cache
+            if not evaluators:
+                evaluators.append(Evaluator(model, chunk.pixels, chunk.targets, chunk.masks, clean, args.forward_batch))
+            return evaluators[0]
 
         for method in methods:
             bar.set_postfix_str(f"{method} images {chunk.tag}")
@@ -248,7 +224,7 @@ def run_model(model: Any, name: str, methods: list[str], metrics: dict[str, Metr
             else:
                 maps, seconds = hit
             values, metric_seconds = scores_for_chunk(
-                cache / "scores" / tag / f"{args.split}_{chunk.tag}.json", chunk, maps, metrics, get_shared
+                cache / "scores" / tag / f"{args.split}_{chunk.tag}.json", chunk, maps, metrics, evaluator
             )
             have = grid_maps.get(method)
             if args.grid_images > 0 and (have is None or len(have) < args.grid_images):
@@ -500,18 +476,15 @@ def estimate(model: Any, name: str, methods: list[str], metrics: dict[str, Metri
         total_now, total_idle = total_now + wall / k * n, total_idle + cpu / k / threads * n
         print("  " + " | ".join(rows_m[-1]), flush=True)
     for mt, m in metrics.items():
-        sp = SharedPerturbation(model, chunk.pixels, chunk.targets, clean, fb)
-        if m.kind == "faithfulness":
-            sp._substrate(m)  # the fully perturbed image: once per image, not per method
-        _, wall, cpu = _timed(lambda: evaluate_chunk(sp, maps, {mt: m}, chunk.masks))
+        ev = Evaluator(model, chunk.pixels, chunk.targets, chunk.masks, clean, fb)
+        ev.prepare({mt: m})  # the fully perturbed image: once per image, not per method
+        _, wall, cpu = _timed(lambda: ev.evaluate(maps, {mt: m}))
         rows_t.append([header(mt, m), *cost(wall, cpu, n * nm)])
         print("  " + " | ".join(rows_t[-1]), flush=True)
-    sp = SharedPerturbation(model, chunk.pixels, chunk.targets, clean, fb)
-    for m in metrics.values():
-        if m.kind == "faithfulness":
-            sp._substrate(m)
-    before = sp.forwards
-    _, wall, cpu = _timed(lambda: evaluate_chunk(sp, maps, metrics, chunk.masks))
+    ev = Evaluator(model, chunk.pixels, chunk.targets, chunk.masks, clean, fb)
+    ev.prepare(metrics)
+    before = ev.forwards
+    _, wall, cpu = _timed(lambda: ev.evaluate(maps, metrics))
     shared = cost(wall, cpu, n * nm)
     total_now, total_idle = total_now + wall / k * n * nm, total_idle + cpu / k / threads * n * nm
     cols = ["s / image now", "CPU s / image", "passes / image"]
@@ -531,7 +504,7 @@ def estimate(model: Any, name: str, methods: list[str], metrics: dict[str, Metri
         "",
         markdown_table(["metric", *cols, f"{n} images x {nm} methods now", "idle"], rows_t),
         "",
-        (f"All metrics together, sharing forward passes ({(sp.forwards - before) / k:.0f} forward passes per image "
+        (f"All metrics together, sharing forward passes ({(ev.forwards - before) / k:.0f} forward passes per image "
         f"and method): {shared[0]} s / image now, {shared[1]} CPU s, {shared[2]} passes; {shared[3]} now, "
         f"{shared[4]} idle for the run."),
         "",
@@ -554,7 +527,7 @@ def _main(argv: list[str] | None) -> int:
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {me: method_settings(args).get(me, {}) for me in methods}
+    settings = {me: settings_of(args).get(me, {}) for me in methods}
     if args.estimate:
         for name, ckpt in model_specs:
             text = estimate(open_model(name, ckpt, args.device), name, methods, metrics, samples, args, out)

@@ -25,21 +25,19 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from _common import named_ranges
 from caap import CAAP
 from caap.contexts import get_context
 from caap.data import DEFAULT_MODEL, VAL_BOXES, load_manifest, sample_mask, shared_data_dir
 from caap.metrics import BoxEnergy, PointingGame
 from caap.models import load_model
 from caap.stats import mean_ci
-
-
-def named_ranges(n_layers: int) -> dict[str, tuple[int, int]]:
-    a, b = round(n_layers / 3), round(2 * n_layers / 3)
-    return {"early": (0, a - 1), "mid": (a, b - 1), "late": (b, n_layers - 1), "all": (0, n_layers - 1)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,8 @@ import timm
 import torch
 from PIL import Image
 
+from caap.metrics import Evaluator
+
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 NAME = "vit_tiny_patch16_224"
 SMALL = {"depth": 3, "embed_dim": 64, "num_heads": 2, "patch_size": 32}
@@ -167,7 +169,7 @@ def test_paired_table_known_answers():
 def test_benchmark_resumes_without_recomputing(bench_out, world, monkeypatch, capsys):
     before = _rows(bench_out / "per_image.csv")
     monkeypatch.setattr(benchmark, "make_method", _boom)
-    monkeypatch.setattr(common, "evaluate_chunk", _boom)
+    monkeypatch.setattr(Evaluator, "evaluate", _boom)
     assert benchmark.main(_bench_flags(world, bench_out)) == 0
     after = _rows(bench_out / "per_image.csv")
     assert [r["deletion"] for r in after] == [r["deletion"] for r in before]
@@ -183,6 +185,7 @@ def test_benchmark_adds_a_metric_to_cached_maps(bench_out, world, monkeypatch, t
 
 
 def test_shared_forward_passes_equal_the_metrics(world):
+    """`caap.metrics.Evaluator` shares forward passes between the metrics; its values equal each metric's own."""
     from caap.metrics import METRICS
     from hooked_vit import HookedViT
 
@@ -191,9 +194,7 @@ def test_shared_forward_passes_equal_the_metrics(world):
     pixels, targets, maps = torch.randn(2, 3, 224, 224), torch.tensor([5, 9]), torch.randn(2, 14, 14)
     names = [n for n, cls in METRICS.items() if cls.kind == "faithfulness"]
     metrics = common.build_metrics(names, batch_size=32, steps=7, aopc_steps=5)
-    with torch.inference_mode():
-        clean = model(pixels)
-    got = common.SharedPerturbation(model, pixels, targets, clean, 32).evaluate(maps, metrics)
+    got = Evaluator(model, pixels, targets, batch_size=32).evaluate(maps, metrics)
     for name, metric in metrics.items():
         torch.testing.assert_close(got[name], metric(model, pixels, maps, targets=targets), atol=1e-5, rtol=1e-4)
 
@@ -257,7 +258,7 @@ def test_ablation_ranks_caap_against_baselines(world, bench_out, tmp_path, capsy
 
     # the baselines of a benchmark run on the same images; nothing of CAAP is computed again
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(common, "evaluate_chunk", _boom)
+        mp.setattr(Evaluator, "evaluate", _boom)
         mp.setattr(ablation, "CAAP", _boom)
         assert ablation.main(flags + ["--baselines-csv", str(bench_out / "per_image.csv")]) == 0
     assert "4 setting(s) reused" in capsys.readouterr().out

@@ -46,6 +46,7 @@ from collections.abc import Callable
 from typing import Any
 
 from caap.metrics.base import Metric, pool_maps_to_grid, upsample_maps
+from caap.metrics.evaluate import Evaluator
 from caap.metrics.faithfulness import (
     Deletion,
     Insertion,
@@ -93,6 +94,7 @@ __all__ = [
     "METRICS",
     "BoxEnergy",
     "Deletion",
+    "Evaluator",
     "FMeasure",
     "Insertion",
     "IoU",

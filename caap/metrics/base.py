@@ -47,11 +47,12 @@ class Metric(ABC):
         masks: Bool[Tensor, "batch H W"] | None = None,
     ) -> Float[Tensor, " batch"]: ...
 
-    def _settings(self) -> dict[str, Any]:
+    def settings(self) -> dict[str, Any]:
+        """The metric's settings (its constructor arguments), as `repr` shows them."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self._settings().items())
+        args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
         return f"{type(self).__name__}({args})"
 
 

@@ -163,12 +163,13 @@ def perturbation_scores(
     counts: Int[Tensor, " steps"],
     targets: Int[Tensor, " batch"],
     mode: Mode = "delete",
-    score: Score = "prob",
+    scores: Sequence[Score] = ("prob",),
     batch_size: int = 64,
     progress: bool | None = None,
     desc: str = "perturbation",
-) -> Float[Tensor, "batch steps"]:
-    """scores[i, s] = the target's score on image i with its units of rank < counts[s] changed.
+) -> dict[str, Float[Tensor, "batch steps"]]:
+    """{score: values [batch, steps]}: values[i, s] = the target's score on image i with its units of
+    rank < counts[s] changed, for every score in `scores` (read off the same forward passes).
 
     mode "delete": those units take the substrate's values; "insert": those units keep the image's
     values and the rest is substrate. All (image, step) pairs are packed into model calls of
@@ -181,7 +182,7 @@ def perturbation_scores(
     b, n_steps = pixels.shape[0], counts.shape[0]
     counts = counts.to(pixels.device)
     total = b * n_steps
-    out = torch.empty(total, device=pixels.device)
+    out = {s: torch.empty(total, device=pixels.device) for s in scores}
     starts = range(0, total, batch_size)
     show = progress if progress is not None else len(starts) >= PROGRESS_MIN_CALLS
     with torch.inference_mode():
@@ -196,8 +197,9 @@ def perturbation_scores(
             logits = model(x)
             if start == 0:
                 check_classes(targets, logits.shape[-1])
-            out[start : start + pair.shape[0]] = class_score(logits, targets[img], score)
-    return out.view(b, n_steps)
+            for s, values in out.items():
+                values[start : start + pair.shape[0]] = class_score(logits, targets[img], s)
+    return {s: values.view(b, n_steps) for s, values in out.items()}
 
 
 @dataclass
@@ -271,15 +273,32 @@ class PerturbationMetric(Metric):
         self.blur_sigma = blur_sigma
         self.seed = seed
 
-    # subclasses: which counts to evaluate, and how a curve becomes one number
-    def _steps(self, n_units: int, n_cells: int) -> tuple[Int[Tensor, " steps"], Float[Tensor, " steps"]]:
+    # what the subclasses define: which counts to evaluate, and how a curve becomes one number
+    def steps(self, n_units: int, n_cells: int) -> tuple[Int[Tensor, " steps"], Float[Tensor, " steps"]]:
+        """(counts, fractions): how many of the `n_units` units are changed at each step of the curve
+        (`n_cells`: the patch-grid cells), and the share of units each count is."""
         raise NotImplementedError
 
-    def _finish(self, curve: PerturbationCurve) -> PerturbationCurve:
+    def finish_curve(self, curve: PerturbationCurve) -> PerturbationCurve:
+        """The measured curve -> the curve the metric summarises (e.g. a fixed end point appended)."""
         return curve
 
-    def _reduce(self, curve: PerturbationCurve) -> Float[Tensor, " batch"]:
+    def reduce(self, curve: PerturbationCurve) -> Float[Tensor, " batch"]:
+        """The finished curve -> one value per image."""
         return auc(curve)
+
+    def substrate_key(self) -> Any:
+        """Equal for metrics whose substrates are the same images (a tensor or callable substrate is
+        never shared)."""
+        if not isinstance(self.substrate, str):
+            return id(self)
+        return (self.substrate, self.blur_kernel, self.blur_sigma, self.seed, repr(self.mean), repr(self.std))
+
+    def make_substrate(self, model: Model, pixels: Float[Tensor, "batch chan H W"]) -> Float[Tensor, "batch chan H W"]:
+        """This metric's substrate image for each input."""
+        return make_substrate(
+            pixels, self.substrate, model, self.mean, self.std, self.blur_kernel, self.blur_sigma, self.seed
+        )
 
     def curve(
         self,
@@ -300,15 +319,12 @@ class PerturbationMetric(Metric):
         gh, gw = grid_for(size, patch)
         targets = resolve_targets(model, pixels, targets, self.batch_size)
         ranks, n_units = unit_ranks(maps, size, patch, self.level, self.order, self.interpolation)
-        counts, fractions = self._steps(n_units, gh * gw)
-        sub = make_substrate(
-            pixels, self.substrate, model, self.mean, self.std, self.blur_kernel, self.blur_sigma, self.seed
-        )
+        counts, fractions = self.steps(n_units, gh * gw)
         scores = perturbation_scores(
-            model, pixels, sub, ranks, counts, targets, self.mode, self.score, self.batch_size, self.progress,
-            desc=self.name,
-        )
-        return self._finish(PerturbationCurve(fractions.float().cpu(), scores.float().cpu()))
+            model, pixels, self.make_substrate(model, pixels), ranks, counts, targets, self.mode, (self.score,),
+            self.batch_size, self.progress, desc=self.name,
+        )[self.score]
+        return self.finish_curve(PerturbationCurve(fractions.float().cpu(), scores.float().cpu()))
 
     def __call__(
         self,
@@ -319,7 +335,7 @@ class PerturbationMetric(Metric):
         masks: Bool[Tensor, "batch H W"] | None = None,
     ) -> Float[Tensor, " batch"]:
         """One value per image (on the CPU); `masks` is ignored."""
-        return self._reduce(self.curve(model, pixels, maps, targets))
+        return self.reduce(self.curve(model, pixels, maps, targets))
 
 
 class _AUCMetric(PerturbationMetric):
@@ -331,7 +347,7 @@ class _AUCMetric(PerturbationMetric):
             raise ValueError(f"n_steps must be >= 1, got {n_steps}")
         self.n_steps = n_steps
 
-    def _steps(self, n_units: int, n_cells: int) -> tuple[Tensor, Tensor]:
+    def steps(self, n_units: int, n_cells: int) -> tuple[Tensor, Tensor]:
         if self.n_steps is None and self.level == "patch":
             counts = torch.arange(n_units + 1)
         else:
@@ -382,12 +398,12 @@ class _AOPCMetric(PerturbationMetric):
             raise ValueError(f"n_steps must be >= 1, got {n_steps}")
         self.n_steps = int(n_steps)
 
-    def _steps(self, n_units: int, n_cells: int) -> tuple[Tensor, Tensor]:
+    def steps(self, n_units: int, n_cells: int) -> tuple[Tensor, Tensor]:
         k = min(self.n_steps, n_cells)
         counts = torch.round(torch.arange(k + 1, dtype=torch.float64) * n_units / n_cells).long()
         return counts, counts.double() / n_units
 
-    def _reduce(self, curve: PerturbationCurve) -> Tensor:
+    def reduce(self, curve: PerturbationCurve) -> Tensor:
         return (curve.scores[:, :1] - curve.scores).mean(dim=1)
 
 
@@ -448,13 +464,13 @@ class _CheferMetric(PerturbationMetric):
         self.fractions = tuple(fr)
         self.final_value = final_value
 
-    def _steps(self, n_units: int, n_cells: int) -> tuple[Tensor, Tensor]:
+    def steps(self, n_units: int, n_cells: int) -> tuple[Tensor, Tensor]:
         fr = [0.0, *self.fractions] + ([1.0] if self.final_value is None else [])
         f = torch.tensor(fr, dtype=torch.float64)
         counts = torch.floor(f * n_units + 1e-9).long()
         return counts, f
 
-    def _finish(self, curve: PerturbationCurve) -> PerturbationCurve:
+    def finish_curve(self, curve: PerturbationCurve) -> PerturbationCurve:
         if self.final_value is None:
             return curve
         b = curve.scores.shape[0]
