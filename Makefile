@@ -11,7 +11,7 @@ LOCK := constraints.txt
 ARGS ?=
 
 BIN := $(VENV)/bin
-PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(LOCK)
+PIP_INSTALL := $(BIN)/python -m pip install -qq --disable-pip-version-check -c $(LOCK)  # -qq: errors only
 
 .DEFAULT_GOAL := explain
 .PHONY: explain test lock
