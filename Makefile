@@ -19,10 +19,11 @@ PIP_INSTALL := $(BIN)/python -m pip install -qq --disable-pip-version-check -c $
 explain: $(VENV)/.installed
 	@$(BIN)/caap explain $(ARGS)
 
+# the lint and the tests both run; the exit status is non-zero when either fails
 test: $(VENV)/.installed-test
-	@echo "ruff check ."
-	@$(BIN)/ruff check .
-	@$(BIN)/python -m pytest -q $(ARGS)
+	@echo "ruff check ."; lint=0; $(BIN)/ruff check . || lint=1; \
+	$(BIN)/python -m pytest -q $(ARGS) || exit $$?; \
+	if [ $$lint != 0 ]; then echo "ruff check . found problems (listed above)"; exit 1; fi
 
 # the virtual environment, and pip at the locked version
 define make_venv
