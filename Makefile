@@ -25,22 +25,20 @@ test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q $(ARGS) || exit $$?; \
 	if [ $$lint != 0 ]; then echo "ruff check . found problems (listed above)"; exit 1; fi
 
-# the virtual environment, and pip at the locked version
-define make_venv
+# create the virtual environment if missing, then pip (at its locked version) installs $(1) (named $(2)) with the lock
+define install
 	@test -x $(BIN)/python || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
-	@$(PIP_INSTALL) --upgrade pip
+	@echo "installing $(2) into $(VENV) with the versions in $(LOCK) (the first time takes a few minutes)"
+	@{ $(PIP_INSTALL) --upgrade pip && $(PIP_INSTALL) -e "$(1)"; } || \
+	{ echo "installing into $(VENV) failed: pip's reason is above (the first run needs the package index)"; exit 1; }
 endef
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
-	$(make_venv)
-	@echo "installing caap into $(VENV) with the versions in $(LOCK) (the first time takes a few minutes)"
-	@$(PIP_INSTALL) -e .
+	$(call install,.,caap)
 	@touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(LOCK)
-	$(make_venv)
-	@echo "installing caap[test] into $(VENV) with the versions in $(LOCK) (the first time takes a few minutes)"
-	@$(PIP_INSTALL) -e ".[test]"
+	$(call install,.[test],caap[test])
 	@touch $@ $(VENV)/.installed
 
 # rewrite the pins from .venv (after upgrading there and a green `make test`); keeps the header comments
