@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from caap import plots as P
+from caap.plots._inputs import _normalize_map
 from caap.stats import t_quantile
 
 MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
@@ -196,16 +197,16 @@ def test_overlay_from_normalised_pixels_and_boxes(tmp_path, photo, augreg_config
 
 def test_normalizations():
     m = np.array([[-2.0, 0.0], [1.0, 2.0]])
-    mm, lo, hi = P._normalize_map(m, "minmax")
+    mm, lo, hi = _normalize_map(m, "minmax")
     assert (lo, hi) == (-2.0, 2.0) and mm.min() == 0 and mm.max() == 1
-    sym, lo, hi = P._normalize_map(m, "symmetric")
+    sym, lo, hi = _normalize_map(m, "symmetric")
     assert sym[0, 1] == 0.5 and (lo, hi) == (-2.0, 2.0)
-    ab, _, _ = P._normalize_map(m, "abs")
+    ab, _, _ = _normalize_map(m, "abs")
     assert ab[0, 0] == 1 and ab[0, 1] == 0
-    const, _, _ = P._normalize_map(np.ones((3, 3)), "minmax")
+    const, _, _ = _normalize_map(np.ones((3, 3)), "minmax")
     assert (const == 0).all()
     with pytest.raises(ValueError, match="normalize"):
-        P._normalize_map(m, "zscore")
+        _normalize_map(m, "zscore")
 
 
 @pytest.mark.parametrize(
