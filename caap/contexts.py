@@ -11,14 +11,17 @@ Each context yields the residual stream entering a given block, for a batch of s
     "zero"   zeros
     an image (path, PIL image, array) or a pixel tensor [1, 3, H, W]: a forward pass of it
 
-`get_context(spec, model)` builds one from any of these.
+`get_context(spec, model)` builds one from any of these (a name always means the context, even where a
+file of that name exists). `context.bind(model, pixels)` ties it to a model and source images, giving
+what the patching engine consumes.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,36 +31,28 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from caap.patching.engine import ResidContext
+from caap.files import atomic_path
+from caap.patching.engine import Context, InputContext, ResidContext
 from hooked_vit import HookedViT
 
 CONTEXT_NAMES = ("mean", "grey", "black", "blur", "noise", "zero")
 
 
 class NeutralContext(ABC):
-    """A target context for a batch of source images."""
+    """A neutral target context, not yet tied to a model or images.
+
+    `bind(model, pixels)` ties it to a model and a batch of source images and returns what the patching
+    engine consumes (`caap.patching.engine.Context`): the context rows' residual stream entering any
+    block, and their model inputs where the context is a real image (so that writes before the first
+    block work too). A context that depends on the source image ("blur") has one row per image; the
+    others have one row, shared by all images.
+    """
 
     name: str = "context"
-    per_source: bool = False
-    """Whether the context depends on the source image (one context per image, e.g. "blur")."""
 
     @abstractmethod
-    def resid_pre(
-        self, model: HookedViT, layer: int, pixels: Float[Tensor, "batch 3 H W"]
-    ) -> Float[Tensor, "n pos d_model"]:
-        """The residual stream entering block `layer`: n = batch if `per_source`, else 1."""
-
-    def for_sources(self, model: HookedViT, pixels: Tensor) -> ResidContext:
-        """As an engine `Context` for these source images."""
-        n = pixels.shape[0] if self.per_source else 1
-        memo: dict[int, Tensor] = {}
-
-        def resid(layer: int) -> Tensor:
-            if layer not in memo:
-                memo[layer] = self.resid_pre(model, layer, pixels)
-            return memo[layer]
-
-        return ResidContext(resid, n=n)
+    def bind(self, model: HookedViT, pixels: Float[Tensor, "batch 3 height width"]) -> Context:
+        """The engine's context for these source images."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -71,27 +66,27 @@ def _raw_to_pixels(raw: Tensor, model: HookedViT) -> Tensor:
 
 
 class ImageContext(NeutralContext):
-    """A forward pass of one fixed image (its residual stream at each layer is computed once per size)."""
+    """A forward pass of one fixed image: given as model pixels [1, 3, H, W], or as a function
+    `raw(size) -> [1, 3, H, W]` in [0, 1] RGB for any image size (grey, black, noise)."""
 
-    def __init__(self, pixels: Float[Tensor, "1 3 H W"] | None = None, name: str = "image", raw=None) -> None:
+    def __init__(
+        self, pixels: Float[Tensor, "1 3 height width"] | None = None, name: str = "image",
+        raw: Callable[[tuple[int, int]], Tensor] | None = None,
+    ) -> None:
+        if (pixels is None) == (raw is None):
+            raise ValueError("ImageContext needs exactly one of pixels= (model pixels [1, 3, H, W]) or raw=")
         self.pixels, self.name, self._raw = pixels, name, raw
-        self._memo: dict[tuple[int, tuple[int, int]], Tensor] = {}
 
-    @torch.inference_mode()
-    def resid_pre(self, model: HookedViT, layer: int, pixels: Tensor) -> Tensor:
-        size = tuple(pixels.shape[-2:])
-        key = (layer, size)
-        if key not in self._memo:
-            image = self._image(model, size, pixels)
-            self._memo[key] = model(image, stop_at_layer=layer)
-        return self._memo[key]
+    def bind(self, model: HookedViT, pixels: Tensor) -> Context:
+        return InputContext(model, self.image(model, tuple(pixels.shape[-2:]), pixels))
 
-    def _image(self, model: HookedViT, size: tuple[int, int], pixels: Tensor) -> Tensor:
+    def image(self, model: HookedViT, size: tuple[int, int], like: Tensor) -> Float[Tensor, "1 3 height width"]:
+        """The context image in the model's pixel space, at `size`, on `like`'s device and dtype."""
         if self.pixels is not None:
             if tuple(self.pixels.shape[-2:]) != size:
                 raise ValueError(f"context image is {tuple(self.pixels.shape[-2:])}, sources are {size}")
-            return self.pixels.to(pixels.device, pixels.dtype)
-        return _raw_to_pixels(self._raw(size).to(pixels.device), model).to(pixels.dtype)
+            return self.pixels.to(like.device, like.dtype)
+        return _raw_to_pixels(self._raw(size).to(like.device), model).to(like.dtype)
 
 
 def grey_context() -> ImageContext:
@@ -114,17 +109,16 @@ def noise_context(seed: int = 0, std: float = 0.25) -> ImageContext:
 
 
 class BlurContext(NeutralContext):
-    """A Gaussian-blurred copy of each source image (sigma in pixels)."""
+    """A Gaussian-blurred copy of each source image (sigma in pixels): one context row per image."""
 
     name = "blur"
-    per_source = True
 
     def __init__(self, sigma: float = 10.0) -> None:
         self.sigma = sigma
 
     @torch.inference_mode()
-    def resid_pre(self, model: HookedViT, layer: int, pixels: Tensor) -> Tensor:
-        return model(gaussian_blur(pixels, self.sigma), stop_at_layer=layer)
+    def bind(self, model: HookedViT, pixels: Tensor) -> Context:
+        return InputContext(model, gaussian_blur(pixels, self.sigma))
 
 
 def gaussian_blur(pixels: Float[Tensor, "b c H W"], sigma: float) -> Float[Tensor, "b c H W"]:
@@ -141,11 +135,13 @@ def gaussian_blur(pixels: Float[Tensor, "b c H W"], sigma: float) -> Float[Tenso
 
 
 class ZeroContext(NeutralContext):
+    """An all-zero residual stream at every block (one row)."""
+
     name = "zero"
 
-    def resid_pre(self, model: HookedViT, layer: int, pixels: Tensor) -> Tensor:
-        n_pos = model.cfg.n_prefix_tokens + _n_patches(model, pixels)
-        return pixels.new_zeros(1, n_pos, model.cfg.d_model)
+    def bind(self, model: HookedViT, pixels: Tensor) -> Context:
+        zeros = pixels.new_zeros(1, model.cfg.n_prefix_tokens + _n_patches(model, pixels), model.cfg.d_model)
+        return ResidContext(lambda layer: zeros, n=1)
 
 
 class MeanContext(NeutralContext):
@@ -183,20 +179,25 @@ class MeanContext(NeutralContext):
         return cls(total / n, meta)
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"resid": self.resid.cpu(), "meta": self.meta}, path)
+        """Write to `path` atomically (a temporary file renamed into place: readers never see half a file,
+        and of two concurrent writers one complete file wins)."""
+        with atomic_path(path) as tmp:
+            torch.save({"resid": self.resid.cpu(), "meta": self.meta}, tmp)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "MeanContext":
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
-            return cls(data["resid"], data.get("meta"))
+            resid = data["resid"]
+            if not isinstance(resid, Tensor) or resid.ndim != 3:
+                raise ValueError(f"'resid' must be a tensor [layers + 1, pos, d_model], got {type(resid).__name__}")
+            return cls(resid, data.get("meta"))
         except FileNotFoundError:
             raise
         except Exception as e:
             raise ValueError(f"could not read a mean context from {path} ({type(e).__name__}: {e})") from e
 
-    def resid_pre(self, model: HookedViT, layer: int, pixels: Tensor) -> Tensor:
+    def bind(self, model: HookedViT, pixels: Tensor) -> Context:
         n_pos = model.cfg.n_prefix_tokens + _n_patches(model, pixels)
         expected = (model.cfg.n_layers + 1, n_pos, model.cfg.d_model)
         if tuple(self.resid.shape) != expected:
@@ -204,7 +205,8 @@ class MeanContext(NeutralContext):
                 f"this mean context has shape {tuple(self.resid.shape)} (layers + 1, positions, d_model) but the "
                 f"model and image need {expected}; compute it for this model and image size"
             )
-        return self.resid[layer : layer + 1].to(pixels.device, pixels.dtype)
+        resid = self.resid.to(pixels.device, pixels.dtype)
+        return ResidContext(lambda layer: resid[layer : layer + 1], n=1)
 
 
 def _n_patches(model: HookedViT, pixels: Tensor) -> int:
@@ -212,16 +214,29 @@ def _n_patches(model: HookedViT, pixels: Tensor) -> int:
     return gh * gw
 
 
-def default_mean_context_path(model: HookedViT, n_images: int) -> Path:
-    """Cache file for the default mean context: named by the model and a fingerprint of its weights."""
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of every parameter and buffer of `model` (names, shapes, dtypes and all values): a model
+    edited in place gets a new fingerprint."""
     import hashlib
 
-    root = Path(os.environ.get("CAAP_CACHE_DIR", Path.home() / ".cache" / "caap"))
-    name = getattr(model, "timm_name", None) or "model"
+    digest = hashlib.blake2b(digest_size=8)
     with torch.no_grad():
-        sample = torch.cat([p.detach().flatten()[:256].float().cpu() for p in model.parameters()])
-    digest = hashlib.sha1(sample.numpy().tobytes()).hexdigest()[:12]
-    return root / f"mean_context_{name}_{digest}_{n_images}.pt"
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Where caap caches what it computes once (the default mean context): `$CAAP_CACHE_DIR`, default
+    `~/.cache/caap`. Everything there can be deleted; it is recomputed when needed."""
+    return Path(os.environ.get("CAAP_CACHE_DIR") or Path.home() / ".cache" / "caap")
+
+
+def default_mean_context_path(model: HookedViT, n_images: int) -> Path:
+    """Cache file for the default mean context: named by the model and a fingerprint of all its weights."""
+    name = getattr(model, "timm_name", None) or "model"
+    return cache_dir() / f"mean_context_{name}_{weights_fingerprint(model)}_{n_images}.pt"
 
 
 def mean_context_for(
@@ -229,8 +244,9 @@ def mean_context_for(
     progress: bool = True,
 ) -> MeanContext:
     """A mean context: from a saved file (a path ending in .pt), a reference image list / pixel
-    tensor, or by default the first `n_images` of the shared one-per-class ImageNet sample (cached on
-    disk under $CAAP_CACHE_DIR, default ~/.cache/caap)."""
+    tensor, a manifest folder, or by default the first `n_images` of the shared one-per-class ImageNet
+    sample (cached on disk, see `cache_dir`; a cache file that cannot be read, or that does not fit the
+    model, is recomputed and replaced)."""
     if isinstance(reference, (str, os.PathLike)) and str(reference).endswith(".pt"):
         return MeanContext.load(reference)
     if reference is not None and not isinstance(reference, (str, os.PathLike)):
@@ -245,9 +261,14 @@ def mean_context_for(
         )
     path = default_mean_context_path(model, n_images) if reference is None else None
     if path is not None and path.is_file():
-        ctx = MeanContext.load(path)
-        if tuple(ctx.resid.shape[1:]) == (model.cfg.n_ctx, model.cfg.d_model):
-            return ctx
+        try:
+            ctx = MeanContext.load(path)
+        except ValueError as e:
+            warnings.warn(f"recomputing the mean context: the cache file is unusable ({e})", stacklevel=2)
+        else:
+            if tuple(ctx.resid.shape) == (model.cfg.n_layers + 1, model.cfg.n_ctx, model.cfg.d_model):
+                return ctx
+            warnings.warn(f"recomputing the mean context: the cache file {path} does not fit the model", stacklevel=2)
     samples = load_manifest(folder, limit=n_images)
     ctx = MeanContext.from_images(model, [s.path for s in samples], progress=progress)
     if path is not None:
@@ -255,28 +276,34 @@ def mean_context_for(
     return ctx
 
 
+CONTEXT_MAKERS: dict[str, Callable[..., NeutralContext]] = {
+    "mean": lambda model, reference, seed: mean_context_for(model, reference),
+    "grey": lambda model, reference, seed: grey_context(),
+    "black": lambda model, reference, seed: black_context(),
+    "blur": lambda model, reference, seed: BlurContext(),
+    "noise": lambda model, reference, seed: noise_context(seed),
+    "zero": lambda model, reference, seed: ZeroContext(),
+}
+
+
 def get_context(
-    spec: str | NeutralContext | Tensor | Any, model: HookedViT, reference: Any = None, seed: int = 0
+    spec: str | os.PathLike | NeutralContext | Tensor | Any, model: HookedViT, reference: Any = None, seed: int = 0
 ) -> NeutralContext:
-    """A neutral context from a name ("mean", "grey", "black", "blur", "noise", "zero"), a context
-    object, a pixel tensor [1, 3, H, W], or an image (path, PIL image, array)."""
+    """A neutral context from a name (`CONTEXT_NAMES`), a context object, a pixel tensor [1, 3, H, W],
+    or an image (a path, a PIL image, an array).
+
+    A string is a name when it is one of `CONTEXT_NAMES`, whatever files the working directory holds
+    (names before paths: a file called `blur` does not replace the blur context; write `./blur` for
+    it). Any other string must be an existing image file."""
     if isinstance(spec, NeutralContext):
         return spec
-    if isinstance(spec, str) and not os.path.exists(spec):
-        makers = {
-            "mean": lambda: mean_context_for(model, reference),
-            "grey": grey_context,
-            "gray": grey_context,
-            "black": black_context,
-            "blur": BlurContext,
-            "noise": lambda: noise_context(seed),
-            "zero": ZeroContext,
-        }
-        if spec not in makers:
-            raise ValueError(
-                f"unknown context {spec!r}; accepted: {', '.join(CONTEXT_NAMES)}, an image file, or a pixel tensor"
-            )
-        return makers[spec]()
+    if isinstance(spec, str) and spec in CONTEXT_MAKERS:
+        return CONTEXT_MAKERS[spec](model, reference, seed)
+    if isinstance(spec, (str, os.PathLike)) and not os.path.isfile(spec):
+        raise ValueError(
+            f"unknown context {os.fspath(spec)!r}: not a context name and not an image file; accepted: "
+            f"{', '.join(CONTEXT_NAMES)}, an image file, or a pixel tensor [1, 3, H, W]"
+        )
     if isinstance(spec, Tensor) and spec.ndim == 4:
         if spec.shape[0] != 1:
             raise ValueError(f"a context pixel tensor must be [1, 3, H, W], got {tuple(spec.shape)}")

@@ -32,13 +32,13 @@ DEFAULT_MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 
 
 def shared_dir() -> Path | None:
-    """The shared resources folder (models/ and data/), or None where it is absent."""
+    """The shared resources folder (models/ and data/), or None where it is absent: `$CAAP_SHARED_DIR`
+    when set (and only it, so that setting it to an empty folder switches the shared files off), else
+    `../shared` beside the repository checkout."""
     env = os.environ.get(SHARED_ENV)
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "shared")
-    for c in candidates:
-        if (c / "data").is_dir() or (c / "models").is_dir():
-            return c
+    candidate = Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
+    if (candidate / "data").is_dir() or (candidate / "models").is_dir():
+        return candidate
     return None
 
 
@@ -125,6 +125,55 @@ def class_names() -> list[str]:
         return [info.index_to_description(i) for i in range(1000)]
     except Exception:  # pragma: no cover - depends on timm's bundled metadata
         return [f"class {i}" for i in range(1000)]
+
+
+@lru_cache(maxsize=1)
+def _class_synonyms() -> list[set[str]]:
+    """Every name each ImageNet-1k class answers to: the short name of the shared labels and all of
+    WordNet's comma-separated synonyms that timm ships (e.g. 281: tabby, tabby cat)."""
+    def norm(text: str) -> str:
+        return " ".join(text.lower().replace("_", " ").split())
+
+    out = [{norm(n)} for n in class_names()]
+    try:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        for i, names in enumerate(out):
+            names.update(norm(n) for n in info.index_to_description(i).split(","))
+    except Exception:  # pragma: no cover - depends on timm's bundled metadata
+        pass
+    return out
+
+
+def class_index(name: str, n_classes: int = 1000) -> int:
+    """The ImageNet-1k class a name means: case and underscores do not matter, any WordNet synonym
+    counts ("tabby", "tabby cat"). A name shared by several classes ("crane": the bird and the
+    machine) raises a ValueError that lists them with their indices; an unknown name one that lists
+    the closest names."""
+    import difflib
+
+    key = " ".join(name.lower().replace("_", " ").split())
+    synonyms = _class_synonyms()[:n_classes]
+    matches = [i for i, names in enumerate(synonyms) if key in names]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        listed = "; ".join(f"{i} ({_description(i)})" for i in matches)
+        raise ValueError(f"class name {name!r} is ambiguous, it names {len(matches)} classes: {listed}; pass the index")
+    every = sorted({n for names in synonyms for n in names})
+    close = difflib.get_close_matches(key, every, n=5)
+    hint = f"; close matches: {', '.join(close)}" if close else ""
+    raise ValueError(f"{name!r} is not an ImageNet class name{hint}; pass a class index 0..{n_classes - 1} or a name")
+
+
+def _description(index: int) -> str:
+    try:
+        from timm.data import ImageNetInfo
+
+        return ImageNetInfo().index_to_description(index, detailed=True)
+    except Exception:  # pragma: no cover - depends on timm's bundled metadata
+        return class_name(index)
 
 
 def class_name(index: int) -> str:

@@ -68,17 +68,20 @@ def _unsupported_table() -> list[tuple[str, Callable[[nn.Module], bool]]]:
 
 
 def _act_name(act: nn.Module) -> str | None:
-    from timm.layers.activations import QuickGELU as TimmQuickGELU
+    """The `HookedViTConfig.act_fn` of a timm MLP activation module, or None if it has no equivalent.
+    timm builds `act_layer="gelu"` / `"gelu_tanh"` from its own classes, not `nn.GELU`."""
+    from timm.layers import activations as timm_act
 
     if isinstance(act, nn.GELU):
         return "gelu_tanh" if act.approximate == "tanh" else "gelu"
-    if isinstance(act, TimmQuickGELU):
-        return "quick_gelu"
-    if isinstance(act, nn.ReLU):
-        return "relu"
-    if isinstance(act, nn.SiLU):
-        return "silu"
-    return None
+    table = {
+        timm_act.GELU: "gelu",
+        timm_act.GELUTanh: "gelu_tanh",
+        timm_act.QuickGELU: "quick_gelu",
+        nn.ReLU: "relu",
+        nn.SiLU: "silu",
+    }
+    return table.get(type(act))
 
 
 def check_supported(model: nn.Module) -> None:
@@ -179,22 +182,17 @@ def convert_timm_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, to
     return out
 
 
-def resolve_timm_model(
-    name_or_model: str | nn.Module,
-    checkpoint_path: str | os.PathLike | None = None,
-    pretrained: bool = True,
-    **timm_kwargs: Any,
-) -> nn.Module:
-    """A timm model object from a name (hub or local checkpoint) or the object itself."""
+HUB_TIMEOUT_ENV = "CAAP_HUB_TIMEOUT"
+DEFAULT_HUB_TIMEOUT = 20.0
+"""Seconds the hub has to answer a first request before loading gives up (`$CAAP_HUB_TIMEOUT`)."""
+
+
+def check_timm_name(name: str) -> str:
+    """`name` if timm knows it, else a ValueError with the closest names timm does know."""
     import timm
 
-    if isinstance(name_or_model, nn.Module):
-        if checkpoint_path is not None:
-            load_timm_checkpoint(name_or_model, checkpoint_path)
-        return name_or_model
-    if not isinstance(name_or_model, str):
-        raise TypeError(f"expected a timm model name or a timm model object, got {type(name_or_model).__name__}")
-    name = name_or_model
+    if not isinstance(name, str):
+        raise TypeError(f"expected a timm model name or a timm model object, got {type(name).__name__}")
     base = name.split(".")[0]
     if not timm.is_model(base):
         import difflib
@@ -202,19 +200,149 @@ def resolve_timm_model(
         close = difflib.get_close_matches(base, timm.list_models(), n=5) or timm.list_models(f"*{base}*")[:5]
         hint = f"; close matches: {', '.join(close)}" if close else ""
         raise ValueError(f"unknown timm model name {name!r}{hint} (timm.list_models() lists them)")
+    return name
+
+
+def timm_skeleton(name: str, **timm_kwargs: Any) -> nn.Module:
+    """The timm model `name` built on the meta device: its architecture and data config, no weights,
+    no memory, no network. Raises `UnsupportedTimmFeature` if HookedViT cannot convert it, so that
+    a name is checked before any download."""
+    import timm
+
+    check_timm_name(name)
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, **timm_kwargs)
+    check_supported(model)
+    return model
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_timeout() -> float:
+    text = os.environ.get(HUB_TIMEOUT_ENV)
+    if not text:
+        return DEFAULT_HUB_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"${HUB_TIMEOUT_ENV} must be a number of seconds, got {text!r}") from None
+    if value <= 0:
+        raise ValueError(f"${HUB_TIMEOUT_ENV} must be positive, got {text!r}")
+    return value
+
+
+def _no_weights_help(name: str) -> str:
+    return (
+        f"pass checkpoint_path= (command line: --checkpoint) a local timm state dict of {name} "
+        f"(.pth/.safetensors), or set CAAP_CHECKPOINT_DIR to a folder holding {name}.pth"
+    )
+
+
+def _hub_cached_file(skeleton: nn.Module) -> str | None:
+    """The local hub-cache copy of the weights timm would fetch for this model, if there is one."""
+    cfg = getattr(skeleton, "pretrained_cfg", {}) or {}
+    repo = cfg.get("hf_hub_id")
+    if not repo:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    filename = cfg.get("hf_hub_filename")
+    for candidate in [filename] if filename else ["model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin"]:
+        path = try_to_load_from_cache(repo, candidate)
+        if isinstance(path, str):
+            return path
+    return None
+
+
+def _probe_hub(skeleton: nn.Module, name: str, timeout: float) -> None:
+    """Ask the hub for the weights' metadata in a daemon thread, and give up after `timeout` seconds.
+
+    huggingface_hub retries a request that times out, and a proxy that accepts connections but never
+    answers keeps it waiting without end; a thread we stop waiting for bounds that. Only once the hub has
+    answered does the (then fast-failing) download start."""
+    import threading
+
+    cfg = getattr(skeleton, "pretrained_cfg", {}) or {}
+    repo, url = cfg.get("hf_hub_id"), cfg.get("url")
+    outcome: dict[str, BaseException | None] = {}
+
+    def probe() -> None:
+        try:
+            if repo:
+                from huggingface_hub import HfApi
+
+                HfApi().model_info(repo, timeout=timeout)
+            elif url:
+                import urllib.request
+
+                urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            outcome["error"] = None
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=probe, name="caap-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise RuntimeError(
+            f"no local weights for {name!r} and the hub did not answer within {timeout:g} s (no network, or a "
+            f"proxy that does not respond); {_no_weights_help(name)}, or set HF_HUB_OFFLINE=1 to fail at once "
+            f"(${HUB_TIMEOUT_ENV} sets the wait)"
+        )
+    error = outcome.get("error")
+    if error is not None:
+        raise RuntimeError(
+            f"no local weights for {name!r} and the hub could not be reached ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); {_no_weights_help(name)}"
+        ) from error
+
+
+def resolve_timm_model(
+    name_or_model: str | nn.Module,
+    checkpoint_path: str | os.PathLike | None = None,
+    pretrained: bool = True,
+    **timm_kwargs: Any,
+) -> nn.Module:
+    """A timm model object from a name (a local checkpoint, or the hub) or the object itself.
+
+    A name is checked first (known to timm, and a ViT HookedViT converts) on the meta device, so that an
+    unsupported name fails at once, before any download. Hub downloads honour `HF_HUB_OFFLINE` (only
+    the local hub cache is used) and give up after `$CAAP_HUB_TIMEOUT` seconds (default 20) when the hub
+    does not answer."""
+    import timm
+
+    if isinstance(name_or_model, nn.Module):
+        if checkpoint_path is not None:
+            load_timm_checkpoint(name_or_model, checkpoint_path)
+        return name_or_model
+    name = check_timm_name(name_or_model)
+    skeleton = timm_skeleton(name, **timm_kwargs)
     if checkpoint_path is not None:
         model = timm.create_model(name, pretrained=False, **timm_kwargs)
         load_timm_checkpoint(model, checkpoint_path)
         return model
     if not pretrained:
         return timm.create_model(name, pretrained=False, **timm_kwargs)
+    cached = _hub_cached_file(skeleton)
+    if cached is not None:  # timm's own loader (and its checkpoint filter) on the cached file: no network
+        timm_kwargs = {**timm_kwargs, "pretrained_cfg_overlay": {**timm_kwargs.get("pretrained_cfg_overlay", {}),
+                                                                 "file": cached}}
+    else:
+        if _env_flag("HF_HUB_OFFLINE"):
+            raise RuntimeError(
+                f"no local weights for {name!r} and HF_HUB_OFFLINE is set, so the hub is not asked; "
+                f"{_no_weights_help(name)}"
+            )
+        _probe_hub(skeleton, name, _hub_timeout())
     try:
         return timm.create_model(name, pretrained=True, **timm_kwargs)
     except Exception as e:  # network, hub, missing file: all mean "no weights here"
         raise RuntimeError(
-            f"could not fetch pretrained weights for {name!r} from the hub ({type(e).__name__}: {e}); "
-            f"pass checkpoint_path= a local timm state dict (.pth/.safetensors), or pretrained=False "
-            f"for random weights"
+            f"could not fetch pretrained weights for {name!r} from the hub ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); {_no_weights_help(name)}, or pretrained=False for "
+            f"random weights"
         ) from e
 
 

@@ -411,10 +411,12 @@ class HookedViT(HookedRootModule):
     # ------------------------------------------------------------------ images
     def preprocess(self, images: Any) -> Float[Tensor, "batch chan height width"]:
         """Paths, PIL images, uint8/float arrays (greyscale, RGB, RGBA) or a list of them ->
-        pixels [batch, 3, H, W], with the source model's own timm data config."""
+        pixels [batch, 3, H, W], with the source model's own timm data config, on the model's device
+        and in its dtype (a bfloat16 model gets bfloat16 pixels)."""
         from hooked_vit.preprocess import preprocess
 
-        return preprocess(images, self.data_config).to(self._param_device())
+        param = next(self.parameters())
+        return preprocess(images, self.data_config).to(device=param.device, dtype=param.dtype)
 
     def _param_device(self) -> torch.device:
         return next(self.parameters()).device

@@ -15,15 +15,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 ImageLike = Any  # str | os.PathLike | PIL.Image.Image | np.ndarray | torch.Tensor (uint8 HWC / CHW)
 
 
 def load_image(image: ImageLike) -> Image.Image:
-    """One image as an RGB PIL image: a path, a PIL image (any mode), or an array / tensor
-    [H, W], [H, W, 1|3|4] (uint8 0..255, or float 0..1)."""
+    """One image as an RGB PIL image: a path, a PIL image (any mode, 16-bit and float greyscale
+    included), or an array / tensor [H, W], [H, W, 1|3|4] or [1|3|4, H, W] (uint8 0..255, uint16
+    0..65535, or float 0..1).
+
+    A file's EXIF orientation is applied (a phone photo reaches the model upright). Anything that
+    would silently become a different picture is refused with a ValueError instead: NaN or inf
+    values, floats outside [0, 1], 32-bit integer images beyond 16 bits, and files that declare more
+    pixels than PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`).
+    """
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         if not os.path.isfile(path):
@@ -31,32 +38,52 @@ def load_image(image: ImageLike) -> Image.Image:
         try:
             with Image.open(path) as im:
                 im.load()
-                return _to_rgb(im)
-        except (UnidentifiedImageError, OSError) as e:
+                return _to_rgb(ImageOps.exif_transpose(im), source=path)
+        except Image.DecompressionBombError as e:
+            raise ValueError(
+                f"{path} declares more pixels than PIL's decompression-bomb limit ({e}); if the file is "
+                f"trusted, raise PIL.Image.MAX_IMAGE_PIXELS before reading it"
+            ) from e
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise ValueError(f"could not read {path} as an image ({e}); accepted: any format PIL opens") from e
     if isinstance(image, Image.Image):
-        return _to_rgb(image)
+        return _to_rgb(image, source="the PIL image")
     if isinstance(image, Tensor):
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
         return _to_rgb(Image.fromarray(_array_to_uint8_hwc(image)))
     raise TypeError(
-        f"cannot read an image from {type(image).__name__}; accepted: a path, a PIL image, or a "
-        f"uint8 array [H, W], [H, W, 1|3|4]"
+        f"cannot read an image from {type(image).__name__}; accepted: a path, a PIL image, or an "
+        f"array [H, W], [H, W, 1|3|4] (uint8, uint16, or float in [0, 1])"
     )
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode == "RGB":
-        return im
+# PIL modes holding more than 8 bits per pixel: PIL's own convert("RGB") clips them to 255 (a 16-bit
+# greyscale PNG becomes almost white) or truncates floats, so they go through an array and are scaled.
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _to_rgb(im: Image.Image, source: str = "the image") -> Image.Image:
+    if im.mode in _WIDE_MODES:
+        a = np.asarray(im)
+        if im.mode == "I" and a.size and (a.min() < 0 or a.max() > 65535):
+            raise ValueError(
+                f"{source} is a 32-bit integer image with values in [{a.min()}, {a.max()}]; accepted: "
+                f"8-bit or 16-bit images (0..65535), or float images in [0, 1]"
+            )
+        if im.mode != "F":
+            a = a.astype(np.uint16)
+        return _to_rgb(Image.fromarray(_array_to_uint8_hwc(a, source)))
     if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
+    if im.mode == "RGB":
+        return im
     return im.convert("RGB")
 
 
-def _array_to_uint8_hwc(a: np.ndarray) -> np.ndarray:
+def _array_to_uint8_hwc(a: np.ndarray, source: str = "an image array") -> np.ndarray:
     if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
         a = np.transpose(a, (1, 2, 0))  # CHW -> HWC
     if a.ndim == 3 and a.shape[-1] == 1:
@@ -67,11 +94,33 @@ def _array_to_uint8_hwc(a: np.ndarray) -> np.ndarray:
         )
     if a.dtype == np.uint8:
         return np.ascontiguousarray(a)
+    if a.dtype == np.uint16:
+        return np.ascontiguousarray(np.round(a.astype(np.float64) * (255 / 65535)).astype(np.uint8))
     if np.issubdtype(a.dtype, np.floating):
-        if a.min() < 0 or a.max() > 1:
-            raise ValueError("a float image array must hold values in [0, 1]; pass uint8 for 0..255")
+        if not np.isfinite(a).all():
+            raise ValueError(f"{source} holds NaN or inf values; accepted: finite floats in [0, 1]")
+        if a.size and (a.min() < 0 or a.max() > 1):
+            raise ValueError(
+                f"{source} holds floats in [{a.min():.4g}, {a.max():.4g}]; accepted: floats in [0, 1], "
+                f"or uint8 for 0..255"
+            )
         return np.ascontiguousarray((a * 255).round().astype(np.uint8))
-    raise ValueError(f"an image array must be uint8 or float in [0, 1]; got dtype {a.dtype}")
+    raise ValueError(f"an image array must be uint8, uint16 or float in [0, 1]; got dtype {a.dtype}")
+
+
+def check_pixels(pixels: Tensor, name: str = "pixels") -> None:
+    """Refuse pixels that would give a silently wrong (all-NaN) result: a tensor [batch, chan, H, W]
+    with at least one image, floating point, every value finite."""
+    if not isinstance(pixels, Tensor) or pixels.ndim != 4:
+        shape = tuple(pixels.shape) if isinstance(pixels, Tensor) else type(pixels).__name__
+        raise ValueError(f"{name} must be a tensor [batch, chan, H, W], got {shape}; use model.preprocess()")
+    if pixels.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(pixels.shape)}); give at least one image")
+    if not pixels.is_floating_point():
+        raise ValueError(f"{name} must be floating point (normalised pixels), got {pixels.dtype}; use model.preprocess()")
+    if not bool(torch.isfinite(pixels).all()):
+        bad = int((~torch.isfinite(pixels)).flatten(1).any(1).nonzero()[0])
+        raise ValueError(f"{name} hold NaN or inf values (image {bad} of the batch); every value must be finite")
 
 
 @lru_cache(maxsize=16)

@@ -150,3 +150,36 @@ def test_real_weights_chelsea_top_patches_on_the_cat():
     top = maps.flatten().topk(5).indices
     assert on_cat[top].all(), f"top patches {top.tolist()} not all on the cat"
     assert maps.flatten()[on_cat].mean() > maps.flatten()[~on_cat].mean()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_pixels_are_refused_not_mapped_to_nan(bad):
+    """NaN or inf in the pixels once gave an all-NaN map; now a clear error, for CAAP and for sweeps."""
+    from caap.patching import logit_metric, sweep
+
+    model = HookedViT.from_timm("vit_tiny_patch16_224", pretrained=False, depth=2).eval()
+    pixels = torch.zeros(2, 3, 224, 224)
+    pixels[1, 0, 5, 5] = bad
+    with pytest.raises(ValueError, match=r"NaN or inf values \(image 1 of the batch\)"):
+        CAAP(model, layers=(1, 1), context="zero").attribute(pixels)
+    with pytest.raises(ValueError, match="sources hold NaN or inf"):
+        sweep(model, pixels, torch.zeros(2, 3, 224, 224), logit_metric(torch.tensor([0, 0])), layers=[1])
+    with pytest.raises(ValueError, match="empty batch"):
+        CAAP(model, layers=(1, 1), context="zero").attribute(pixels[:0])
+
+
+def test_sources_and_context_of_different_sizes_are_refused():
+    """On a dynamic-size model, images of two sizes give different token counts: patching position p of
+    one into position p of the other would be silently misaligned."""
+    from caap.patching import logit_metric, sweep
+
+    model = HookedViT.from_timm("vit_tiny_patch16_224", pretrained=False, depth=2, dynamic_img_size=True).eval()
+    small, large = torch.zeros(1, 3, 224, 224), torch.zeros(1, 3, 256, 256)
+    with pytest.raises(ValueError, match="positions would not align"):
+        sweep(model, small, large, logit_metric(torch.tensor([0])), layers=[1])
+    from caap.patching import ResidContext
+
+    with torch.no_grad():
+        resid = model(large, stop_at_layer=1)
+    with pytest.raises(ValueError, match="positions would not align"):
+        sweep(model, small, ResidContext({1: resid}), logit_metric(torch.tensor([0])), layers=[1])

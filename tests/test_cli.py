@@ -76,18 +76,23 @@ def test_sweep_writes_layer_by_patch_grid(checkpoint, image, tmp_path, capsys, m
     assert (tmp_path / "photo_sweep_mlp_out.html").is_file() and (tmp_path / "photo_sweep_mlp_out.png").is_file()
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["explain", "missing.jpg"], "image file not found"),
-    (["explain", "--layers", "5"], "--layers must look like START:END"),
-    (["explain", "--layers", "0:9"], "not a valid range"),
-    (["explain", "--context", "sepia"], "unknown context"),
-    (["explain", "--target", "99999"], "out of range"),
-    (["explain", "--target", "not a class"], "neither a class index"),
-    (["explain", "--model", "vit_no_such_model"], "unknown timm model name"),
-    (["explain", "NOT_AN_IMAGE"], "could not read"),
+@pytest.mark.parametrize("argv,message,code", [
+    (["explain", "missing.jpg"], "image file not found", 2),
+    (["explain", "--layers", "5"], "--layers must look like START:END", 2),
+    (["explain", "--layers", "0:9"], "not a valid range", 2),
+    (["explain", "--context", "sepia"], "unknown context", 2),
+    (["explain", "--target", "99999"], "out of range", 2),
+    (["explain", "--target", "not a class"], "not an ImageNet class name", 2),
+    (["explain", "--target", "crane"], "ambiguous, it names 2 classes: 134 (crane", 2),
+    (["explain", "--model", "vit_no_such_model"], "unknown timm model name", 2),
+    (["explain", "--model", "resnet18"], "not a timm VisionTransformer", 2),
+    (["explain", "NOT_AN_IMAGE"], "could not read", 1),
 ])
-def test_bad_input_one_line_nonzero(argv, message, checkpoint, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(timm, "create_model", _with_depth(timm.create_model, 2))
+def test_bad_input_one_line_nonzero(argv, message, code, checkpoint, tmp_path, capsys, monkeypatch):
+    """Argument errors exit 2 before any weights are loaded; an unreadable image exits 1."""
+    if "resnet18" not in argv:
+        monkeypatch.setattr(timm, "create_model", _with_depth(timm.create_model, 2))
+    monkeypatch.setattr("caap.models.load_model", lambda *a, **k: pytest.fail("loaded weights before checking"))
     if "NOT_AN_IMAGE" in argv:
         bad = tmp_path / "bad.jpg"
         bad.write_text("this is not an image")
@@ -96,23 +101,85 @@ def test_bad_input_one_line_nonzero(argv, message, checkpoint, tmp_path, capsys,
         argv = argv + ["--model", NAME, "--checkpoint", str(checkpoint)]
     if "--context" not in argv:
         argv = argv + ["--context", "grey"]
-    code, _, err = _run(argv + ["--out", str(tmp_path)], capsys)
-    assert code != 0
+    got, _, err = _run(argv + ["--out", str(tmp_path / "out")], capsys)
+    assert got == code, err
     lines = [line for line in err.splitlines() if line.strip() and "it/s" not in line]
     assert len(lines) == 1 and lines[0].startswith("caap: error:") and message in lines[0], err
 
 
 def test_no_hub_names_checkpoint(tmp_path, capsys, monkeypatch):
-    def no_hub(name, pretrained=False, **kw):
-        if pretrained:
-            raise ConnectionError("no network")
-        return _with_depth(timm.create_model.__wrapped__ if hasattr(timm.create_model, "__wrapped__") else
-                           timm.create_model, 2)(name, pretrained=False, **kw)
-
+    """No local weights and HF_HUB_OFFLINE: one line that says what to do, at once."""
+    monkeypatch.setattr(timm, "create_model", _with_depth(timm.create_model, 2))
     monkeypatch.delenv("CAAP_CHECKPOINT_DIR", raising=False)
-    monkeypatch.setattr(timm, "create_model", no_hub)
-    code, _, err = _run(["explain", "--model", NAME, "--out", str(tmp_path)], capsys)
-    assert code != 0 and "--checkpoint" in err and "Traceback" not in err
+    monkeypatch.setenv("CAAP_SHARED_DIR", str(tmp_path / "no_shared"))  # the shared models folder is absent
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("hooked_vit.loading._hub_cached_file", lambda *a: None)
+    code, _, err = _run(["explain", "--model", NAME, "--out", str(tmp_path / "out")], capsys)
+    assert code == 1 and "HF_HUB_OFFLINE" in err and "--checkpoint" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_same_stem_in_two_folders_gets_two_outputs(checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(timm, "create_model", _with_depth(timm.create_model, 2))
+    paths = []
+    for folder, value in (("a", 30), ("b", 220)):
+        (tmp_path / folder).mkdir()
+        paths.append(tmp_path / folder / "x.png")
+        Image.fromarray(np.full((64, 64, 3), value, np.uint8)).save(paths[-1])
+    out = tmp_path / "out"
+    argv = ["explain", *map(str, paths), "--model", NAME, "--checkpoint", str(checkpoint), "--layers", "1:1",
+            "--context", "zero", "--out", str(out)]
+    code, stdout, err = _run(argv, capsys)
+    assert code == 0, err
+    first, second = (json.loads((out / f"{stem}_caap.json").read_text()) for stem in ("a_x", "b_x"))
+    assert first["image"] == str(paths[0]) and second["image"] == str(paths[1])
+    assert not np.array_equal(np.load(out / "a_x_caap.npy"), np.load(out / "b_x_caap.npy"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{s}_caap.{e}" for s in ("a_x", "b_x")
+                                                           for e in ("png", "html", "npy", "json"))
+    # a second run does not overwrite silently; --force does
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and "already exists" in err and "--force" in err
+    code, _, err = _run(argv + ["--force"], capsys)
+    assert code == 0, err
+
+
+def test_a_crash_while_writing_leaves_no_partial_outputs(checkpoint, image, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(timm, "create_model", _with_depth(timm.create_model, 2))
+
+    def crash(fig, path):
+        open(path, "w").write("<html>trunc")  # half a file, then the process dies (disk full, Ctrl-C, ...)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("caap.plots.save_html", crash)
+    out = tmp_path / "out"
+    code, _, err = _run(["explain", str(image), "--model", NAME, "--checkpoint", str(checkpoint), "--layers", "1:1",
+                         "--context", "zero", "--out", str(out)], capsys)
+    assert code == 130 and err.strip().splitlines()[-1] == "caap: interrupted"
+    assert list(out.iterdir()) == []  # no truncated HTML beside a complete PNG, no temporary files
+
+
+def test_sweep_checks_its_output_before_computing(checkpoint, image, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("caap.models.load_model", lambda *a, **k: pytest.fail("loaded weights before checking"))
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("")
+    code, _, err = _run(["sweep", str(image), "--model", NAME, "--checkpoint", str(checkpoint),
+                         "--out", str(a_file)], capsys)
+    assert code == 2 and "is a file" in err
+
+
+def test_interrupt_during_imports_is_one_line(tmp_path):
+    """Ctrl-C while the command is still importing torch: exit 130 and one line, no traceback."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "caap.cli", "explain", "--out", str(tmp_path)],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    time.sleep(0.4)  # past interpreter start-up, inside `import torch` (which takes seconds)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip() == "caap: interrupted"
 
 
 def test_console_entry_point_has_no_traceback(tmp_path):

@@ -93,10 +93,74 @@ def test_pretrained_without_hub_points_to_checkpoint_path(monkeypatch):
         return real_create(name, pretrained=False, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", offline_create)
+    monkeypatch.setattr("hooked_vit.loading._probe_hub", lambda *a: None)  # the hub answered; the download fails
+    monkeypatch.setattr("hooked_vit.loading._hub_cached_file", lambda *a: None)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(RuntimeError, match=r"could not fetch pretrained weights for 'vit_tiny_patch16_224'.*"
                                            r"no network.*checkpoint_path="):
         HookedViT.from_timm("vit_tiny_patch16_224")
-    assert calls == [True]
+    assert calls == [False, True]  # the architecture is checked (meta device) before the download
+
+
+def test_support_is_checked_before_any_download(monkeypatch):
+    """A name HookedViT cannot convert fails at once, without asking the hub."""
+    monkeypatch.setattr("hooked_vit.loading._probe_hub", lambda *a: pytest.fail("asked the hub"))
+    with pytest.raises(UnsupportedTimmFeature, match="ResNet is not a timm VisionTransformer"):
+        HookedViT.from_timm("resnet18")
+
+
+def test_hf_hub_offline_fails_at_once_naming_the_fixes(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("hooked_vit.loading._hub_cached_file", lambda *a: None)
+    monkeypatch.setattr("hooked_vit.loading._probe_hub", lambda *a: pytest.fail("asked the hub"))
+    with pytest.raises(RuntimeError, match=r"HF_HUB_OFFLINE is set.*checkpoint_path=.*CAAP_CHECKPOINT_DIR"):
+        HookedViT.from_timm("vit_tiny_patch16_224")
+
+
+_HANGING_HUB = """
+import os, socket, sys, threading, time
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen(16)
+held = []
+threading.Thread(target=lambda: [held.append(server.accept()) for _ in iter(int, 1)], daemon=True).start()
+proxy = "http://127.0.0.1:%d" % server.getsockname()[1]
+for var in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy"):
+    os.environ[var] = proxy
+for var in ("NO_PROXY", "no_proxy", "HF_HUB_OFFLINE"):
+    os.environ.pop(var, None)
+os.environ["CAAP_HUB_TIMEOUT"] = "1"
+from hooked_vit import HookedViT
+t0 = time.perf_counter()
+try:
+    HookedViT.from_timm("vit_tiny_patch16_224")
+except RuntimeError as e:
+    print("%.1f %s" % (time.perf_counter() - t0, e))
+"""
+
+
+def test_a_hub_that_never_answers_gives_up_after_the_timeout(tmp_path):
+    """A proxy that accepts connections and never answers (the hang the reliability review found): the
+    loader gives up after $CAAP_HUB_TIMEOUT seconds with what to do. No network needed: the proxy is local."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-c", _HANGING_HUB], env=env, capture_output=True, text=True, timeout=120)
+    seconds, _, message = proc.stdout.strip().partition(" ")
+    assert "did not answer within 1 s" in message and "checkpoint_path=" in message, proc.stdout + proc.stderr
+    assert float(seconds) < 10
+
+
+def test_gelu_tanh_converts():
+    """timm builds act_layer="gelu_tanh" from its own GELUTanh class (not nn.GELU): it converts, exactly."""
+    timm_model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, act_layer="gelu_tanh").eval()
+    hooked = HookedViT.from_timm(timm_model)
+    assert hooked.cfg.act_fn == "gelu_tanh"
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert max_diff(hooked(x), timm_model(x)) < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------- unsupported
@@ -201,6 +265,63 @@ def test_preprocess_errors_are_clear(augreg_model, tmp_path):
         augreg_model.preprocess(np.zeros((8, 8, 5), np.uint8))
     with pytest.raises(ValueError, match="no images given"):
         augreg_model.preprocess([])
+
+
+def test_sixteen_bit_greyscale_keeps_its_grey_levels(augreg_model, tmp_path):
+    """A 16-bit PNG (PIL mode I;16) is scaled to 8 bits, not clipped to white by convert("RGB")."""
+    levels = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(levels).save(path)
+    with Image.open(path) as im:
+        assert im.mode.startswith("I")
+    eight = np.round(levels / 257).astype(np.uint8)
+    expected = augreg_model.preprocess(eight)
+    assert torch.allclose(augreg_model.preprocess(path), expected, atol=2 / 255 / 0.5)
+    assert torch.allclose(augreg_model.preprocess(levels), expected, atol=2 / 255 / 0.5)  # a uint16 array too
+    assert augreg_model.preprocess(path).mean() < 0.1  # mid-grey on average, not white (1.0)
+
+
+def test_exif_orientation_is_applied(augreg_model, tmp_path):
+    """A JPEG whose EXIF says "rotate 90" reaches the model upright, as a viewer shows it."""
+    wide = np.zeros((60, 120, 3), np.uint8)
+    wide[:, :60] = 255  # left half white
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 clockwise to display
+    Image.fromarray(wide).save(path, exif=exif, quality=95)
+    upright = np.rot90(wide, k=-1)  # what a viewer shows: 120 high, 60 wide, white on top
+    assert torch.allclose(augreg_model.preprocess(path), augreg_model.preprocess(np.ascontiguousarray(upright)),
+                          atol=0.1)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_images_are_refused(augreg_model, tmp_path, bad):
+    arr = np.full((32, 32, 3), 0.5, np.float32)
+    arr[3, 4, 1] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        augreg_model.preprocess(arr)
+    path = tmp_path / "float.tiff"
+    Image.fromarray(arr[..., 1]).save(path)  # a float TIFF (PIL mode F) holding the bad value
+    with pytest.raises(ValueError, match="NaN or inf"):
+        augreg_model.preprocess(path)
+
+
+def test_decompression_bomb_is_a_clear_error(augreg_model, tmp_path, monkeypatch):
+    path = tmp_path / "bomb.png"
+    Image.new("L", (400, 400)).save(path)  # a tiny file; the limit is lowered so that it counts as a bomb
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400 * 400 // 4)
+    with pytest.raises(ValueError, match="decompression-bomb limit"):
+        augreg_model.preprocess(path)
+
+
+def test_preprocess_follows_the_models_dtype(augreg_model, cat):
+    import copy
+
+    half = copy.deepcopy(augreg_model).to(torch.bfloat16)
+    pixels = half.preprocess(cat)
+    assert pixels.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert half(pixels).dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------------------------------------- real weights

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from caap.targets import Target, resolve_targets
 from hooked_vit import HookedViT
+from hooked_vit.preprocess import check_pixels
 
 
 class AttributionMethod(ABC):
@@ -31,9 +32,7 @@ class AttributionMethod(ABC):
         self.model = model
 
     def attribute(self, pixels: Float[Tensor, "batch chan H W"], target: Target = None) -> Float[Tensor, "batch h w"]:
-        if not isinstance(pixels, Tensor) or pixels.ndim != 4:
-            shape = tuple(pixels.shape) if isinstance(pixels, Tensor) else type(pixels).__name__
-            raise ValueError(f"pixels must be a tensor [batch, chan, H, W], got {shape}; use model.preprocess()")
+        check_pixels(pixels)  # a 4-d float tensor, at least one image, no NaN or inf (never an all-NaN map)
         self.model.grid_size_for(pixels)  # checks the image size
         targets = resolve_targets(self.model, pixels, target)
         return self._attribute(pixels, targets)

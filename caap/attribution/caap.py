@@ -28,6 +28,7 @@ from caap.contexts import NeutralContext, get_context
 from caap.patching.engine import Intervention, Write, run_interventions, unpatched_scores
 from caap.targets import Score, Target, check_score, class_score, resolve_targets
 from hooked_vit import HookedViT, act_name
+from hooked_vit.preprocess import check_pixels
 
 Component = Literal["resid_pre", "attn_out", "mlp_out"]
 CAAP_COMPONENTS: tuple[str, ...] = get_args(Component)
@@ -113,9 +114,7 @@ class CAAP(AttributionMethod):
         )
 
     def attribute(self, pixels: Float[Tensor, "batch chan H W"], target: Target = None) -> Tensor:
-        if not isinstance(pixels, Tensor) or pixels.ndim != 4:
-            shape = tuple(pixels.shape) if isinstance(pixels, Tensor) else type(pixels).__name__
-            raise ValueError(f"pixels must be a tensor [batch, chan, H, W], got {shape}; use model.preprocess()")
+        check_pixels(pixels)
         self.model.grid_size_for(pixels)
         t = torch.as_tensor(target, device=pixels.device) if target is not None and not isinstance(target, int) else None
         if t is not None and t.ndim == 2:
@@ -134,7 +133,7 @@ class CAAP(AttributionMethod):
         prefix = model.cfg.n_prefix_tokens
         start, end = self.layers
         hooks = [act_name(self.component, layer) for layer in range(start, end + 1)]
-        context = self.context.for_sources(model, pixels)
+        context = self.context.bind(model, pixels)
         rows = [
             Intervention(tuple(Write(h, prefix + p) for h in hooks), source=i, target=i if context.n > 1 else 0)
             for i in range(b)

@@ -1,14 +1,14 @@
 """The batched activation-patching engine.
 
 One batch row = one intervention: a set of writes (hook point, position, head) whose values come from
-a source run, applied to a run in a target context. The engine
+a source run, applied to a run in a context (the run the source's values are written into). The engine
 
 1. caches the source activations it needs (one forward with a names filter),
-2. computes the target's residual stream at the earliest patched layer once,
-3. packs the rows into batches; each batch starts at that layer (`start_at_layer`) from the target's
+2. computes the context's residual stream at the earliest patched layer once,
+3. packs the rows into batches; each batch starts at that layer (`start_at_layer`) from the context's
    residual stream, with ONE hook per patched hook point that writes the source values into its rows
    by advanced indexing (no Python loop over rows),
-4. reads a score per row with a user metric and keeps it on the device until the end.
+4. reads a score per row with a user score function and keeps it on the device until the end.
 
 It needs only what TransformerLens' `HookedRootModule` models share: `run_with_cache`, `hooks()` and
 `forward(input, start_at_layer=..., stop_at_layer=...)`, so it runs unchanged on `HookedViT` and on
@@ -32,9 +32,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-Metric = Callable[[Tensor, Tensor], Tensor]
-"""metric(output, pair) -> score per row: `output` is the model's output for a batch of rows
-(logits), `pair` the index of each row's (source, target) pair, e.g. to look up its class."""
+ScoreFn = Callable[[Tensor, Tensor], Tensor]
+"""score_fn(output, pair) -> score per row: `output` is the model's output for a batch of rows
+(logits), `pair` the index of each row's (source, context) pair, e.g. to look up its target class
+(`caap.patching.scores` makes the usual ones). Not to be confused with `caap.metrics.Metric`, which
+scores attribution maps."""
 
 
 @dataclass(frozen=True)
@@ -50,15 +52,15 @@ class Write:
 
 @dataclass(frozen=True)
 class Intervention:
-    """One batch row: its writes, and which source run and which target context it uses."""
+    """One batch row: its writes, and which source run and which context row it uses."""
 
     writes: tuple[Write, ...]
     source: int = 0
-    target: int = 0
+    context: int = 0
 
     @staticmethod
-    def single(hook: str, pos: int | None = None, head: int | None = None, source: int = 0, target: int = 0):
-        return Intervention((Write(hook, pos, head),), source, target)
+    def single(hook: str, pos: int | None = None, head: int | None = None, source: int = 0, context: int = 0):
+        return Intervention((Write(hook, pos, head),), source, context)
 
 
 # ---------------------------------------------------------------------------------------- hook axes
@@ -97,15 +99,19 @@ def start_layer_for(hooks: Iterable[str], n_layers: int) -> int | None:
 
 # ---------------------------------------------------------------------------------------- contexts
 class Context(Protocol):
-    """Where the rows run: the residual stream entering a given block, one per target."""
+    """Where the rows run (the engine's one notion of a context): `n` context rows, the residual stream
+    entering any block for each row, and the rows' model inputs (pixels or tokens) where the context is
+    a real input, None where it exists only as residual streams (e.g. mean activations). Writes before
+    the first block (embeddings) need `inputs`. `caap.contexts.NeutralContext.bind` makes one."""
 
     n: int
+    inputs: Tensor | None
 
     def resid_pre(self, layer: int) -> Float[Tensor, "n pos d_model"]: ...
 
 
 class InputContext:
-    """A target given as model inputs (pixels or tokens): its residual stream entering every block
+    """A context given as model inputs (pixels or tokens): its residual stream entering every block
     comes from one forward pass (computed on first use)."""
 
     def __init__(self, model: Any, inputs: Tensor) -> None:
@@ -122,8 +128,10 @@ class InputContext:
 
 
 class ResidContext:
-    """A target given directly as residual streams, one tensor [n, pos, d_model] per layer (e.g. mean
-    activations), or a function of the layer."""
+    """A context given directly as residual streams: a tensor [n, pos, d_model] per layer (a dict), or
+    a function of the layer returning one. It has no model inputs (`inputs` is None)."""
+
+    inputs = None
 
     def __init__(self, resid_pre: Callable[[int], Tensor] | dict[int, Tensor], n: int | None = None) -> None:
         self._fn = resid_pre.__getitem__ if isinstance(resid_pre, dict) else resid_pre
@@ -133,8 +141,8 @@ class ResidContext:
         return self._fn(layer)
 
 
-def as_context(model: Any, target: Tensor | Context) -> Context:
-    return InputContext(model, target) if isinstance(target, Tensor) else target
+def as_context(model: Any, context: Tensor | Context) -> Context:
+    return InputContext(model, context) if isinstance(context, Tensor) else context
 
 
 # ---------------------------------------------------------------------------------------- compiling
@@ -310,44 +318,55 @@ def run_interventions(
     model: Any,
     interventions: Sequence[Intervention],
     sources: Tensor | dict[str, Tensor],
-    target: Tensor | Context,
-    metric: Metric,
+    context: Tensor | Context,
+    score_fn: ScoreFn,
     batch_size: int | None = None,
     pairs: Int[Tensor, " n"] | None = None,
     progress: bool | str = False,
 ) -> Tensor:
-    """Run every intervention (one batch row each) and return the metric per row, [n, ...].
+    """Run every intervention (one batch row each) and return the score per row, [n, ...].
 
     Args:
         model: a HookedViT or a transformer_lens HookedTransformer (anything with `hooks()`,
             `run_with_cache` and `forward(x, start_at_layer=..., stop_at_layer=...)`).
         interventions: the rows.
         sources: source inputs [n_sources, ...] (pixels / tokens) or a ready cache {hook: activation}.
-        target: target inputs [n_targets, ...], or a `Context` giving residual streams.
-        metric: `metric(output, pair) -> [rows, ...]`; `pair` is each row's entry of `pairs`
-            (default: the row's target index).
+        context: the runs the rows patch into: model inputs [n_contexts, ...], or a `Context` giving
+            residual streams.
+        score_fn: `score_fn(output, pair) -> [rows, ...]`; `pair` is each row's entry of `pairs`
+            (default: the row's context index).
         batch_size: rows per forward pass (None: `default_batch_size`).
     """
     if not interventions:
         raise ValueError("no interventions given")
     n_layers = model.cfg.n_layers
-    context = as_context(model, target)
+    context = as_context(model, context)
     # each row starts at its own earliest patched block: group rows by start layer (stable order)
     row_start = [start_layer_for([w.hook for w in iv.writes], n_layers) for iv in interventions]
-    if any(s is None for s in row_start) and not isinstance(context, InputContext):
-        raise ValueError("writes before the first block need the target as model inputs, not a residual context")
+    if any(s is None for s in row_start) and context.inputs is None:
+        raise ValueError("writes before the first block need the context as model inputs, not residual streams")
     key = [-1 if s is None else s for s in row_start]
     order = sorted(range(len(interventions)), key=key.__getitem__)
     interventions = [interventions[i] for i in order]
     hooks = {w.hook for iv in interventions for w in iv.writes}
+    for name, x in (("sources", sources), ("context inputs", context.inputs)):
+        if isinstance(x, Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"the {name} hold NaN or inf values; every value must be finite")
+    if isinstance(sources, Tensor) and context.inputs is not None and sources.shape[1:] != context.inputs.shape[1:]:
+        raise ValueError(
+            f"the sources {tuple(sources.shape)} and the context inputs {tuple(context.inputs.shape)} differ in "
+            f"shape (e.g. images of two sizes on a dynamic-size model): their positions would not align; "
+            f"give both the same size"
+        )
     source_cache = cache_sources(model, sources, hooks) if hooks else {}
+    _check_positions_align(source_cache, context, row_start)
     device = next(model.parameters()).device
     writes = compile_interventions(interventions, source_cache, device)
-    targets = torch.tensor([iv.target for iv in interventions], device=device)
-    if int(targets.max()) >= context.n or int(targets.min()) < 0:
-        raise IndexError(f"interventions use targets up to {int(targets.max())}; there are {context.n}")
+    rows_ctx = torch.tensor([iv.context for iv in interventions], device=device)
+    if int(rows_ctx.max()) >= context.n or int(rows_ctx.min()) < 0:
+        raise IndexError(f"interventions use context rows up to {int(rows_ctx.max())}; there are {context.n}")
     order_t = torch.tensor(order, device=device)
-    pair = (targets if pairs is None else torch.as_tensor(pairs, device=device)[order_t])
+    pair = (rows_ctx if pairs is None else torch.as_tensor(pairs, device=device)[order_t])
 
     def make_hooks(r0: int, r1: int) -> list[tuple[str, Callable]]:
         out = []
@@ -365,15 +384,15 @@ def run_interventions(
         while hi < len(interventions) and sorted_keys[hi] == sorted_keys[lo]:
             hi += 1
         start = row_start[order[lo]]
-        base = context.inputs if start is None else context.resid_pre(start)  # type: ignore[attr-defined]
+        base = context.inputs if start is None else context.resid_pre(start)
         results.append(batched_runs(
             model,
             hi - lo,
             batch_size,
             start,
-            make_input=lambda r0, r1, lo=lo, base=base: base[targets[lo + r0 : lo + r1]],
+            make_input=lambda r0, r1, lo=lo, base=base: base[rows_ctx[lo + r0 : lo + r1]],
             make_hooks=lambda r0, r1, lo=lo: make_hooks(lo + r0, lo + r1),
-            readout=lambda out, r0, r1, lo=lo: metric(out, pair[lo + r0 : lo + r1]),
+            readout=lambda out, r0, r1, lo=lo: score_fn(out, pair[lo + r0 : lo + r1]),
             progress=progress,
         ))
         lo = hi
@@ -381,11 +400,30 @@ def run_interventions(
     return values[torch.argsort(order_t)]
 
 
+def _check_positions_align(source_cache: dict[str, Tensor], context: Context, row_start: list[int | None]) -> None:
+    """Refuse a source whose activations have another number of positions than the context's residual
+    stream: writing position p of one into position p of the other would patch the wrong tokens."""
+    starts = sorted({s for s in row_start if s is not None})
+    if not starts or not source_cache:
+        return
+    n_pos = context.resid_pre(starts[0]).shape[1]
+    for hook, act in source_cache.items():
+        if hook_layer(hook) in (None, -1):  # embeddings (patches only) and the pooled head: no token axis to compare
+            continue
+        pos_axis, _ = hook_axes(hook)
+        if act.shape[pos_axis] != n_pos:
+            raise ValueError(
+                f"the source's {hook} has {act.shape[pos_axis]} positions, the context's residual stream {n_pos} "
+                f"(e.g. images of two sizes on a dynamic-size model): positions would not align; give both the "
+                f"same size"
+            )
+
+
 @torch.inference_mode()
-def unpatched_scores(model: Any, context: Context, metric: Metric, n_pairs: int, layer: int = 0) -> Tensor:
-    """`metric` of the unpatched runs in `context`, per pair (pair i runs in context row min(i, n - 1)):
+def unpatched_scores(model: Any, context: Context, score_fn: ScoreFn, n_pairs: int, layer: int = 0) -> Tensor:
+    """`score_fn` of the unpatched runs in `context`, per pair (pair i runs in context row min(i, n - 1)):
     one forward pass of the context's rows from block `layer`, the scores every patched row of a pair is
     compared with."""
     logits = model(context.resid_pre(layer), start_at_layer=layer)
     pairs = torch.arange(n_pairs, device=logits.device)
-    return metric(logits[pairs.clamp(max=context.n - 1)], pairs)
+    return score_fn(logits[pairs.clamp(max=context.n - 1)], pairs)

@@ -1,0 +1,53 @@
+"""Writing files so that a reader never sees half of one.
+
+Every output of the toolkit (maps, plots, JSON summaries, caches) is written to a temporary name in its
+own folder and renamed into place (`os.replace`, atomic on POSIX and Windows): a crash, a full disk or
+Ctrl-C while writing leaves the previous file (or none), never a truncated one, and two writers of the
+same file each leave a complete file behind. `atomic_paths` does the same for a group of files that
+belong together (a PNG, an HTML view, a `.npy` and a JSON): they appear together, after all were
+written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+__all__ = ["atomic_path", "atomic_paths"]
+
+
+def _temporary_beside(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # same folder (so the rename stays on one file system), same suffix (writers pick formats by it)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
+    """Temporary paths for `paths`; when the block ends without an error they are renamed onto `paths`
+    (all of them, in order: put the file that marks completion, e.g. a JSON summary, last); on an error
+    they are removed and `paths` are left as they were."""
+    finals = [Path(p) for p in paths]
+    temps: list[Path] = []
+    try:
+        for final in finals:
+            temps.append(_temporary_beside(final))
+        yield temps
+        for tmp, final in zip(temps, finals):
+            os.replace(tmp, final)
+    finally:
+        for tmp in temps:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path that becomes `path` when the block ends without an error (see `atomic_paths`)."""
+    with atomic_paths([path]) as (tmp,):
+        yield tmp
