@@ -34,7 +34,7 @@ import torch
 from caap import CAAP
 from caap.attribution import default_layers
 from caap.cpu import keep_freed_memory
-from caap.patching import default_batch_size, logit_metric, sweep
+from caap.patching import default_batch_size, logit_score, sweep
 from hooked_vit import HookedViT
 
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         tlp.layer_pos_patch_setter, "resid_pre", index_df=df)
 
             def run_ours():
-                return sweep(model, clean, corrupt, logit_metric(torch.tensor([0], device=device)),
+                return sweep(model, clean, corrupt, logit_score(torch.tensor([0], device=device)),
                              component="resid_pre", batch_size=args.batch_size, progress=False).values[0]
 
             _ = get_act_patch_resid_pre  # the specialisation we mirror (it infers positions from token shape)

@@ -279,7 +279,7 @@ def _probe_hub(skeleton: nn.Module, name: str, timeout: float) -> None:
 
                 urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
             outcome["error"] = None
-        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+        except BaseException as e:  # handed to the caller's thread
             outcome["error"] = e
 
     thread = threading.Thread(target=probe, name="caap-hub-probe", daemon=True)

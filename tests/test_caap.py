@@ -9,7 +9,7 @@ from caap import CAAP
 from caap.attribution import default_layers
 from caap.contexts import ImageContext
 from caap.data import DEFAULT_MODEL, shared_checkpoint
-from caap.patching import logit_metric, sweep
+from caap.patching import logit_score, sweep
 from hooked_vit import HookedViT, HookedViTConfig
 
 
@@ -56,7 +56,7 @@ def test_single_layer_caap_equals_resid_sweep(model, pixels):
     """CAAP over one layer with an image context is the engine's resid_pre sweep into that image."""
     ctx_image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(9))
     maps = CAAP(model, layers=(2, 2), context=ImageContext(ctx_image), score="logit").attribute(pixels[:1], target=4)
-    result = sweep(model, pixels[:1], ctx_image, logit_metric(torch.tensor([4])), layers=[2], progress=False)
+    result = sweep(model, pixels[:1], ctx_image, logit_score(torch.tensor([4])), layers=[2], progress=False)
     torch.testing.assert_close(maps[0], result.to_grid(model).values[0, 0], atol=1e-5, rtol=0)
 
 
@@ -155,7 +155,7 @@ def test_real_weights_chelsea_top_patches_on_the_cat():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_pixels_are_refused_not_mapped_to_nan(bad):
     """NaN or inf in the pixels once gave an all-NaN map; now a clear error, for CAAP and for sweeps."""
-    from caap.patching import logit_metric, sweep
+    from caap.patching import logit_score, sweep
 
     model = HookedViT.from_timm("vit_tiny_patch16_224", pretrained=False, depth=2).eval()
     pixels = torch.zeros(2, 3, 224, 224)
@@ -163,7 +163,7 @@ def test_non_finite_pixels_are_refused_not_mapped_to_nan(bad):
     with pytest.raises(ValueError, match=r"NaN or inf values \(image 1 of the batch\)"):
         CAAP(model, layers=(1, 1), context="zero").attribute(pixels)
     with pytest.raises(ValueError, match="sources hold NaN or inf"):
-        sweep(model, pixels, torch.zeros(2, 3, 224, 224), logit_metric(torch.tensor([0, 0])), layers=[1])
+        sweep(model, pixels, torch.zeros(2, 3, 224, 224), logit_score(torch.tensor([0, 0])), layers=[1])
     with pytest.raises(ValueError, match="empty batch"):
         CAAP(model, layers=(1, 1), context="zero").attribute(pixels[:0])
 
@@ -171,15 +171,15 @@ def test_non_finite_pixels_are_refused_not_mapped_to_nan(bad):
 def test_sources_and_context_of_different_sizes_are_refused():
     """On a dynamic-size model, images of two sizes give different token counts: patching position p of
     one into position p of the other would be silently misaligned."""
-    from caap.patching import logit_metric, sweep
+    from caap.patching import logit_score, sweep
 
     model = HookedViT.from_timm("vit_tiny_patch16_224", pretrained=False, depth=2, dynamic_img_size=True).eval()
     small, large = torch.zeros(1, 3, 224, 224), torch.zeros(1, 3, 256, 256)
     with pytest.raises(ValueError, match="positions would not align"):
-        sweep(model, small, large, logit_metric(torch.tensor([0])), layers=[1])
+        sweep(model, small, large, logit_score(torch.tensor([0])), layers=[1])
     from caap.patching import ResidContext
 
     with torch.no_grad():
         resid = model(large, stop_at_layer=1)
     with pytest.raises(ValueError, match="positions would not align"):
-        sweep(model, small, ResidContext({1: resid}), logit_metric(torch.tensor([0])), layers=[1])
+        sweep(model, small, ResidContext({1: resid}), logit_score(torch.tensor([0])), layers=[1])

@@ -9,8 +9,8 @@ from caap.patching import (
     Intervention,
     ResidContext,
     Write,
-    logit_diff_metric,
-    logit_metric,
+    logit_diff_score,
+    logit_score,
     path_patch,
     run_interventions,
     sweep,
@@ -65,7 +65,7 @@ def _loop_reference(model, source, target, writes, metric_fn):
 
 def test_batched_sweep_equals_loop(vit, pair):
     source, target = pair[0][:1], pair[1][:1]
-    metric = logit_metric(torch.tensor([3]))
+    metric = logit_score(torch.tensor([3]))
     result = sweep(vit, source, target, metric, component=["resid_pre", "attn_out", "mlp_out"], batch_size=7,
                    progress=False)
     writes = [Write(f"blocks.{layer}.hook_{c}", p) for c in ["resid_pre", "attn_out", "mlp_out"]
@@ -78,7 +78,7 @@ def test_batched_sweep_equals_loop(vit, pair):
 @pytest.mark.parametrize("component,per_position", [("z", True), ("z", False), ("pattern", False), ("q", True), ("v", False)])
 def test_head_sweeps_equal_loop(vit, pair, component, per_position):
     source, target = pair[0][:1], pair[1][:1]
-    metric = logit_metric(torch.tensor([5]))
+    metric = logit_score(torch.tensor([5]))
     result = sweep(vit, source, target, metric, component=component, layers=[1, 2], per_position=per_position,
                    batch_size=16, progress=False)
     hook = {"z": "attn.hook_z", "pattern": "attn.hook_pattern", "q": "attn.hook_q", "v": "attn.hook_v"}[component]
@@ -92,28 +92,28 @@ def test_head_sweeps_equal_loop(vit, pair, component, per_position):
 def test_patching_nothing_gives_target_and_everything_gives_source(vit, pair):
     source, target = pair
     classes = torch.tensor([1, 7])
-    metric = logit_metric(classes)
+    metric = logit_score(classes)
     with torch.no_grad():
         tgt_logits, src_logits = vit(target), vit(source)
     # a write into a position that is then overwritten by the target itself: patching target into target
-    nothing = run_interventions(vit, [Intervention.single("blocks.0.hook_resid_pre", 0, source=i, target=i)
+    nothing = run_interventions(vit, [Intervention.single("blocks.0.hook_resid_pre", 0, source=i, context=i)
                                       for i in range(2)], target, target, metric)
     torch.testing.assert_close(nothing, tgt_logits[[0, 1], classes], atol=TOL, rtol=0)
-    everything = run_interventions(vit, [Intervention.single("blocks.0.hook_resid_pre", None, source=i, target=i)
+    everything = run_interventions(vit, [Intervention.single("blocks.0.hook_resid_pre", None, source=i, context=i)
                                          for i in range(2)], source, target, metric)
     torch.testing.assert_close(everything, src_logits[[0, 1], classes], atol=TOL, rtol=0)
     # the sweep reports the same baselines
     result = sweep(vit, source, target, metric, layers=[0], progress=False)
-    torch.testing.assert_close(result.target_score, tgt_logits[[0, 1], classes], atol=TOL, rtol=0)
+    torch.testing.assert_close(result.context_score, tgt_logits[[0, 1], classes], atol=TOL, rtol=0)
     torch.testing.assert_close(result.source_score, src_logits[[0, 1], classes], atol=TOL, rtol=0)
 
 
 def test_rows_without_writes_give_target(vit, pair):
     source, target = pair
-    metric = logit_metric(torch.tensor([2, 2]))
+    metric = logit_score(torch.tensor([2, 2]))
     with torch.no_grad():
         ref = vit(target)[:, 2]
-    ivs = [Intervention((), source=0, target=0), Intervention((), source=1, target=1),
+    ivs = [Intervention((), source=0, context=0), Intervention((), source=1, context=1),
            Intervention.single("blocks.2.hook_resid_pre", 0)]
     out = run_interventions(vit, ivs, source, target, metric, batch_size=2)
     torch.testing.assert_close(out[:2], ref, atol=TOL, rtol=0)
@@ -121,7 +121,7 @@ def test_rows_without_writes_give_target(vit, pair):
 
 def test_all_heads_z_equals_attn_out(vit, pair):
     source, target = pair
-    metric = logit_metric(torch.tensor([4, 6]))
+    metric = logit_score(torch.tensor([4, 6]))
     for layer in range(3):
         z = run_interventions(vit, [Intervention.single(f"blocks.{layer}.attn.hook_z", None, None, i, i)
                                     for i in range(2)], source, target, metric)
@@ -134,7 +134,7 @@ def test_resid_context_and_result_component(vit, pair):
     source, target = pair
     vit.set_use_attn_result(True)
     try:
-        metric = logit_metric(torch.tensor([0]))
+        metric = logit_score(torch.tensor([0]))
         ctx_resid = {layer: vit(target[:1], stop_at_layer=layer) for layer in range(4)}
         a = sweep(vit, source[:1], ResidContext(ctx_resid), metric, component="result", layers=[1],
                   per_position=False, progress=False)
@@ -147,7 +147,7 @@ def test_resid_context_and_result_component(vit, pair):
 
 def test_to_grid_and_dataframe(vit, pair):
     source, target = pair
-    result = sweep(vit, source[:1], target[:1], logit_metric(torch.tensor([0])), progress=False)
+    result = sweep(vit, source[:1], target[:1], logit_score(torch.tensor([0])), progress=False)
     grid = result.to_grid(vit)
     assert grid.dims == ("pair", "layer", "grid_h", "grid_w")
     assert grid.values.shape == (1, 3, 4, 4)
@@ -160,7 +160,7 @@ def test_to_grid_and_dataframe(vit, pair):
 
 def test_bad_requests(vit, pair):
     source, target = pair
-    metric = logit_metric(torch.tensor([0, 0]))
+    metric = logit_score(torch.tensor([0, 0]))
     with pytest.raises(ValueError, match="unknown component"):
         sweep(vit, source, target, metric, component="nope", progress=False)
     with pytest.raises(ValueError, match="layer 7 is out of range"):
@@ -201,10 +201,10 @@ def test_known_answer_linear_model():
     g = torch.Generator().manual_seed(0)
     source, target = torch.randn(1, 3, 8, 8, generator=g), torch.randn(1, 3, 8, 8, generator=g)
     c = 5
-    result = sweep(model, source, target, logit_metric(torch.tensor([c])), progress=False)
+    result = sweep(model, source, target, logit_score(torch.tensor([c])), progress=False)
     with torch.no_grad():
         src_emb, tgt_emb = model.patch_embed(source)[0, :, c], model.patch_embed(target)[0, :, c]
-    expected = result.target_score + (src_emb - tgt_emb) / 4
+    expected = result.context_score + (src_emb - tgt_emb) / 4
     for layer in range(2):
         torch.testing.assert_close(result.values[0, layer], expected, atol=1e-5, rtol=0)
 
@@ -224,7 +224,7 @@ def test_same_engine_on_hooked_transformer(lm):
     g = torch.Generator().manual_seed(3)
     clean = torch.randint(0, 20, (1, 6), generator=g)
     corrupt = torch.randint(0, 20, (1, 6), generator=g)
-    metric = logit_diff_metric(torch.tensor([3]), torch.tensor([4]))
+    metric = logit_diff_score(torch.tensor([3]), torch.tensor([4]))
     result = sweep(lm, clean, corrupt, metric, component=["resid_pre", "attn_out"], batch_size=5, progress=False)
     assert result.values.shape == (1, 2, 2, 6)
     writes = [Write(f"blocks.{layer}.hook_{c}", p) for c in ["resid_pre", "attn_out"] for layer in range(2)
@@ -289,7 +289,7 @@ def _path_patch_reference(model, source, target, metric, sender, receivers, kind
 ])
 def test_path_patching_matches_slow_reference(vit, pair, receivers, kinds, freeze_mlps):
     source, target = pair[0][:1], pair[1][:1]
-    metric = logit_metric(torch.tensor([3]))
+    metric = logit_score(torch.tensor([3]))
     senders = [(layer, head) for layer in range(3) for head in range(4)]
     fast = path_patch(vit, source, target, metric, senders=senders, receivers=receivers, receiver_input=kinds,
                       freeze_mlps=freeze_mlps, batch_size=5, progress=False)
@@ -302,7 +302,7 @@ def test_path_patching_matches_slow_reference(vit, pair, receivers, kinds, freez
 def test_path_patching_on_language_model(lm):
     g = torch.Generator().manual_seed(5)
     clean, corrupt = torch.randint(0, 20, (1, 6), generator=g), torch.randint(0, 20, (1, 6), generator=g)
-    metric = logit_diff_metric(torch.tensor([1]), torch.tensor([2]))
+    metric = logit_diff_score(torch.tensor([1]), torch.tensor([2]))
     senders = [(0, h) for h in range(4)]
     fast = path_patch(lm, clean, corrupt, metric, senders=senders, receivers=[(1, 0), (1, 2)], receiver_input="v",
                       progress=False)

@@ -135,7 +135,7 @@ class CAAP(AttributionMethod):
         hooks = [act_name(self.component, layer) for layer in range(start, end + 1)]
         context = self.context.bind(model, pixels)
         rows = [
-            Intervention(tuple(Write(h, prefix + p) for h in hooks), source=i, target=i if context.n > 1 else 0)
+            Intervention(tuple(Write(h, prefix + p) for h in hooks), source=i, context=i if context.n > 1 else 0)
             for i in range(b)
             for p in range(n_patches)
         ]
@@ -145,11 +145,11 @@ class CAAP(AttributionMethod):
         if self.score == "logit_diff":  # the unpatched context's score, once per image
             reference = unpatched_scores(model, context, lambda logits, pair: class_score(logits, k[pair]), b, start)
 
-        def metric(logits: Tensor, pair: Tensor) -> Tensor:
+        def score_fn(logits: Tensor, pair: Tensor) -> Tensor:
             return class_score(logits, k[pair], self.score, None if reference is None else reference[pair])
 
         scores = run_interventions(
-            model, rows, pixels, context, metric, batch_size=self.batch_size, pairs=pairs,
+            model, rows, pixels, context, score_fn, batch_size=self.batch_size, pairs=pairs,
             progress="CAAP" if self.progress else False,
         )
         maps = scores.view(b, n_patches, -1).permute(0, 2, 1).reshape(b, -1, *grid)

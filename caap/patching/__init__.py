@@ -5,13 +5,14 @@ from caap.patching.engine import (
     InputContext,
     Intervention,
     ResidContext,
+    ScoreFn,
     Write,
     batched_runs,
     default_batch_size,
     run_interventions,
 )
 from caap.patching.path import path_patch
-from caap.patching.scores import logit_diff_metric, logit_metric, prob_metric
+from caap.patching.scores import logit_diff_metric, logit_diff_score, logit_metric, logit_score, prob_score
 from caap.patching.sweeps import COMPONENTS, SweepResult, sweep
 
 __all__ = [
@@ -20,14 +21,15 @@ __all__ = [
     "InputContext",
     "Intervention",
     "ResidContext",
+    "ScoreFn",
     "SweepResult",
     "Write",
     "batched_runs",
     "default_batch_size",
-    "logit_diff_metric",
-    "logit_metric",
+    "logit_diff_score",
+    "logit_score",
     "path_patch",
-    "prob_metric",
+    "prob_score",
     "run_interventions",
     "sweep",
 ]

@@ -2,11 +2,11 @@
 
 The effect of sender heads on receivers, and through nothing else, in two passes:
 
-1. Run the target with each sender head's output (`hook_z`) taken from the source and every other
-   head's output frozen to its target value (MLPs recompute, as in Wang et al.; `freeze_mlps=True`
+1. Run the context with each sender head's output (`hook_z`) taken from the source and every other
+   head's output frozen to its context value (MLPs recompute, as in Wang et al.; `freeze_mlps=True`
    freezes them too). Record the receivers' inputs: receiver heads' q, k or v (or the logits, when
    the receiver is the logits, which ends the procedure here).
-2. Run the target with only the receivers' inputs replaced by the recorded ones; read the metric.
+2. Run the context with only the receivers' inputs replaced by the recorded ones; read the score.
 
 Both passes are batched over senders (one row per (pair, sender)), start at the earliest layer that
 can change, and use the engine's core loop.
@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from caap.patching.engine import InputContext, Metric, batched_runs, cache_sources
+from caap.patching.engine import InputContext, ScoreFn, batched_runs, cache_sources
 from hooked_vit.names import act_name
 
 Head = tuple[int, int]
@@ -30,8 +30,8 @@ Head = tuple[int, int]
 def path_patch(
     model: Any,
     sources: Tensor,
-    targets: Tensor,
-    metric: Metric,
+    contexts: Tensor,
+    score_fn: ScoreFn,
     senders: Sequence[Head] | None = None,
     receivers: Sequence[Head] | Literal["logits"] = "logits",
     receiver_input: str | Sequence[str] = "q",
@@ -42,19 +42,20 @@ def path_patch(
     """Path-patching effect of each sender head on the receivers.
 
     Args:
-        sources, targets: inputs [n_pairs, ...] (pair i = source i into target i).
-        metric: `metric(output, pair) -> [rows]`.
+        sources, contexts: inputs [n_pairs, ...] (pair i = source i into context i; TransformerLens'
+            clean and corrupted runs).
+        score_fn: `score_fn(output, pair) -> [rows]` (`caap.patching.scores`).
         senders: (layer, head) pairs; default every head.
         receivers: (layer, head) pairs whose `receiver_input` ("q", "k", "v", or several) takes the
             senders' effect, or "logits" for the direct path to the output.
         freeze_mlps: freeze MLP outputs in pass 1 as well as heads.
 
     Returns:
-        [n_pairs, n_senders]: the metric after patching each sender's path.
+        [n_pairs, n_senders]: the score after patching each sender's path.
     """
     cfg = model.cfg
-    if sources.shape[0] != targets.shape[0]:
-        raise ValueError(f"{sources.shape[0]} sources and {targets.shape[0]} targets: give one source per target")
+    if sources.shape[0] != contexts.shape[0]:
+        raise ValueError(f"{sources.shape[0]} sources and {contexts.shape[0]} contexts: give one source per context")
     senders = [(layer, head) for layer in range(cfg.n_layers) for head in range(cfg.n_heads)] if senders is None else list(senders)
     if not senders:
         raise ValueError("no sender heads given")
@@ -82,8 +83,8 @@ def path_patch(
     z_hooks = [act_name("z", layer) for layer in range(first, last + 1)]
     mlp_hooks = [act_name("mlp_out", layer) for layer in range(first, last + 1)] if freeze_mlps else []
     src = cache_sources(model, sources, z_hooks)
-    tgt = cache_sources(model, targets, z_hooks + mlp_hooks)
-    context = InputContext(model, targets)
+    ctx = cache_sources(model, contexts, z_hooks + mlp_hooks)
+    context = InputContext(model, contexts)
     resid_first = context.resid_pre(first)
 
     sender_layer = torch.tensor([layer for layer, _ in senders], device=sources.device)[row_sender]
@@ -95,9 +96,9 @@ def path_patch(
         for layer in range(first, last + 1):
             name = act_name("z", layer)
             rows = (sender_layer[r0:r1] == layer).nonzero().flatten()
-            hooks.append((name, _freeze_z(tgt[name], src[name], pair, rows, sender_head[r0:r1][rows])))
+            hooks.append((name, _freeze_z(ctx[name], src[name], pair, rows, sender_head[r0:r1][rows])))
         for name in mlp_hooks:
-            hooks.append((name, _replace(tgt[name], pair)))
+            hooks.append((name, _replace(ctx[name], pair)))
         return hooks
 
     if to_logits:
@@ -105,7 +106,7 @@ def path_patch(
             model, n_rows, batch_size, first,
             make_input=lambda r0, r1: resid_first[row_pair[r0:r1]],
             make_hooks=freeze_hooks,
-            readout=lambda out, r0, r1: metric(out, row_pair[r0:r1]),
+            readout=lambda out, r0, r1: score_fn(out, row_pair[r0:r1]),
             progress="path patching" if progress else False,
         ).view(n_pairs, n_send)
 
@@ -147,7 +148,7 @@ def path_patch(
         model, n_rows, batch_size, first_recv,
         make_input=lambda r0, r1: resid_recv[row_pair[r0:r1]],
         make_hooks=pass2_hooks,
-        readout=lambda out, r0, r1: metric(out, row_pair[r0:r1]),
+        readout=lambda out, r0, r1: score_fn(out, row_pair[r0:r1]),
         progress="path patching (2/2)" if progress else False,
     ).view(n_pairs, n_send)
 
@@ -157,9 +158,9 @@ def _check_head(cfg: Any, layer: int, head: int) -> None:
         raise ValueError(f"head ({layer}, {head}) is out of range: layers 0..{cfg.n_layers - 1}, heads 0..{cfg.n_heads - 1}")
 
 
-def _freeze_z(tgt_z: Tensor, src_z: Tensor, pair: Tensor, rows: Tensor, heads: Tensor) -> Callable:
-    """Every head's z := the target's; the senders' rows get the source's z for their head."""
-    values = tgt_z[pair].clone()
+def _freeze_z(ctx_z: Tensor, src_z: Tensor, pair: Tensor, rows: Tensor, heads: Tensor) -> Callable:
+    """Every head's z := the context's; the senders' rows get the source's z for their head."""
+    values = ctx_z[pair].clone()
     if len(rows):
         values[rows, :, heads] = src_z[pair[rows], :, heads]
 
@@ -169,8 +170,8 @@ def _freeze_z(tgt_z: Tensor, src_z: Tensor, pair: Tensor, rows: Tensor, heads: T
     return hook
 
 
-def _replace(tgt: Tensor, pair: Tensor) -> Callable:
-    values = tgt[pair]
+def _replace(ctx: Tensor, pair: Tensor) -> Callable:
+    values = ctx[pair]
 
     def hook(act: Tensor, hook: Any) -> Tensor:
         return values.to(act.dtype)

@@ -1,4 +1,5 @@
-"""Metrics for patching runs: `metric(output, pair) -> [rows]` (or [rows, k] for several classes).
+"""Score functions for patching runs (`ScoreFn`): `score_fn(output, pair) -> [rows]` (or [rows, k] for several
+classes), each reading `caap.targets.class_score` off the output."""
 
 `output` is the model's output for a batch of rows: logits [rows, n_classes] for a ViT, or
 [rows, seq, vocab] for a language model (`pos` picks the position, default the last). `pair` gives each
@@ -11,7 +12,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from caap.patching.engine import Metric
+from caap.patching.engine import ScoreFn
 from caap.targets import class_score
 
 
@@ -25,31 +26,35 @@ def _per_pair(classes: Int[Tensor, " n_pairs *k"] | int, pair: Tensor) -> Tensor
     return c[pair]
 
 
-def logit_metric(classes: Int[Tensor, " n_pairs *k"] | int, pos: int = -1) -> Metric:
+def logit_score(classes: Int[Tensor, " n_pairs *k"] | int, pos: int = -1) -> ScoreFn:
     """The logit of each pair's class (several per pair: [n_pairs, k] -> [rows, k])."""
 
-    def metric(output: Tensor, pair: Tensor) -> Tensor:
+    def score_fn(output: Tensor, pair: Tensor) -> Tensor:
         return class_score(_logits_at(output, pos), _per_pair(classes, pair), "logit")
 
-    return metric
+    return score_fn
 
 
-def prob_metric(classes: Int[Tensor, " n_pairs *k"] | int, pos: int = -1) -> Metric:
+def prob_score(classes: Int[Tensor, " n_pairs *k"] | int, pos: int = -1) -> ScoreFn:
     """The softmax probability of each pair's class."""
 
-    def metric(output: Tensor, pair: Tensor) -> Tensor:
+    def score_fn(output: Tensor, pair: Tensor) -> Tensor:
         return class_score(_logits_at(output, pos), _per_pair(classes, pair), "prob")
 
-    return metric
+    return score_fn
 
 
-def logit_diff_metric(
+def logit_diff_score(
     correct: Int[Tensor, " n_pairs"] | int, incorrect: Int[Tensor, " n_pairs"] | int, pos: int = -1
-) -> Metric:
+) -> ScoreFn:
     """logit(correct) - logit(incorrect) per pair (e.g. answer tokens of a language model)."""
 
-    def metric(output: Tensor, pair: Tensor) -> Tensor:
+    def score_fn(output: Tensor, pair: Tensor) -> Tensor:
         logits = _logits_at(output, pos)
         return class_score(logits, _per_pair(correct, pair)) - class_score(logits, _per_pair(incorrect, pair))
 
-    return metric
+    return score_fn
+
+
+# TEMPORARY, for caap/cli.py until it switches to the names above (then delete these three lines)
+logit_metric, prob_metric, logit_diff_metric = logit_score, prob_score, logit_diff_score

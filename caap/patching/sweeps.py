@@ -1,6 +1,6 @@
 """Sweeps: every (component, layer, position[, head]) patched in turn, one batch row each, with named axes.
 
-    result = sweep(model, clean, corrupted, metric, component="resid_pre")
+    result = sweep(model, clean, corrupted, logit_score(labels), component="resid_pre")
     result.values   # [pair, layer, pos]
     result.to_grid(model).values   # [pair, layer, grid_h, grid_w] (ViT: prefix tokens dropped)
 
@@ -22,7 +22,7 @@ from caap.patching.engine import (
     Context,
     InputContext,
     Intervention,
-    Metric,
+    ScoreFn,
     Write,
     as_context,
     run_interventions,
@@ -37,18 +37,22 @@ class SweepResult:
 
     `values` has one axis per name in `dims`; `coords[name]` lists the index of each entry along that
     axis (layer numbers, token positions, head numbers, component names, pair numbers).
-    `target_score` / `source_score`: the metric of the unpatched target and source runs, per pair.
+    `context_score` / `source_score`: the score of the unpatched context and source runs, per pair.
     """
 
     values: Tensor
     dims: tuple[str, ...]
     coords: dict[str, list] = field(default_factory=dict)
-    target_score: Tensor | None = None
+    context_score: Tensor | None = None
     source_score: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.values.ndim != len(self.dims):
             raise ValueError(f"values has {self.values.ndim} axes but dims names {len(self.dims)}: {self.dims}")
+
+    @property
+    def target_score(self) -> Tensor | None:  # TEMPORARY, for caap/cli.py until it reads context_score
+        return self.context_score
 
     def axis(self, name: str) -> int:
         if name not in self.dims:
@@ -69,11 +73,11 @@ class SweepResult:
         return replace(self, values=values, dims=tuple(dims), coords=coords)
 
     def normalized(self) -> "SweepResult":
-        """(patched - target) / (source - target) per pair: 0 = no effect, 1 = the source's score."""
-        if self.target_score is None or self.source_score is None:
-            raise ValueError("normalisation needs target_score and source_score")
+        """(patched - context) / (source - context) per pair: 0 = no effect, 1 = the source's score."""
+        if self.context_score is None or self.source_score is None:
+            raise ValueError("normalisation needs context_score and source_score")
         shape = [-1 if d == "pair" else 1 for d in self.dims]
-        t, s = self.target_score.view(shape), self.source_score.view(shape)
+        t, s = self.context_score.view(shape), self.source_score.view(shape)
         return replace(self, values=(self.values - t) / (s - t))
 
     def to_grid(self, model: Any, grid_size: tuple[int, int] | None = None) -> "SweepResult":
@@ -96,19 +100,19 @@ class SweepResult:
         return pd.DataFrame([(*idx, v) for idx, v in zip(grids, self.values.flatten().tolist())], columns=[*names, "value"])
 
 
-def _n_pairs(n_sources: int, n_targets: int) -> int:
-    if n_sources != n_targets and 1 not in (n_sources, n_targets):
+def _n_pairs(n_sources: int, n_contexts: int) -> int:
+    if n_sources != n_contexts and 1 not in (n_sources, n_contexts):
         raise ValueError(
-            f"{n_sources} sources and {n_targets} targets: give as many of each, or one of either (broadcast)"
+            f"{n_sources} sources and {n_contexts} contexts: give as many of each, or one of either (broadcast)"
         )
-    return max(n_sources, n_targets)
+    return max(n_sources, n_contexts)
 
 
 def sweep(
     model: Any,
     sources: Tensor,
-    target: Tensor | Context,
-    metric: Metric,
+    context: Tensor | Context,
+    score_fn: ScoreFn,
     component: str | Sequence[str] = "resid_pre",
     layers: Sequence[int] | None = None,
     positions: Sequence[int] | None = None,
@@ -117,13 +121,14 @@ def sweep(
     batch_size: int | None = None,
     progress: bool = True,
 ) -> SweepResult:
-    """Patch each (component, layer, position[, head]) from the source into the target, one at a time.
+    """Patch each (component, layer, position[, head]) from the source into the context, one at a time.
 
     Args:
-        sources: source inputs [n, ...] (pixels or tokens). Pair i is source i with target i (one of
+        sources: source inputs [n, ...] (pixels or tokens). Pair i is source i with context i (one of
             either is broadcast).
-        target: target inputs [n, ...] or a `Context` (e.g. a neutral context's residual streams).
-        metric: `metric(output, pair) -> [rows]`.
+        context: the runs patched into (TransformerLens' "corrupted" run): inputs [n, ...] or a `Context`
+            (e.g. a neutral context's residual streams).
+        score_fn: `score_fn(output, pair) -> [rows]` (`caap.patching.scores`).
         component: one name or several, from `COMPONENTS`.
         layers / positions / heads: what to sweep (default: all).
         per_position: for head components, patch each (position, head) (True) or each head at every
@@ -145,7 +150,7 @@ def sweep(
     if "result" in components and not getattr(model.cfg, "use_attn_result", False):
         raise ValueError("component 'result' needs model.cfg.use_attn_result = True (model.set_use_attn_result(True))")
 
-    context = as_context(model, target)
+    context = as_context(model, context)
     n_pairs = _n_pairs(sources.shape[0], context.n)
     n_layers = model.cfg.n_layers
     layers = list(range(n_layers)) if layers is None else [_check(layer, n_layers, "layer") for layer in layers]
@@ -170,18 +175,18 @@ def sweep(
         hook = act_name(comp, named["layer"])
         write = Write(hook, named.get("pos"), named.get("head"))
         pair = named["pair"]
-        rows.append(Intervention((write,), source=min(pair, sources.shape[0] - 1), target=min(pair, context.n - 1)))
+        rows.append(Intervention((write,), source=min(pair, sources.shape[0] - 1), context=min(pair, context.n - 1)))
         row_pairs.append(pair)
     pairs = torch.tensor(row_pairs)
     values = run_interventions(
-        model, rows, sources, context, metric, batch_size=batch_size, pairs=pairs,
+        model, rows, sources, context, score_fn, batch_size=batch_size, pairs=pairs,
         progress="sweep" if progress else False,
     )
     shape = [len(c) for _, c in axes] + list(values.shape[1:])
-    target_score = unpatched_scores(model, context, metric, n_pairs)
-    source_score = unpatched_scores(model, InputContext(model, sources), metric, n_pairs)
+    context_score = unpatched_scores(model, context, score_fn, n_pairs)
+    source_score = unpatched_scores(model, InputContext(model, sources), score_fn, n_pairs)
     dims = tuple(n for n, _ in axes) + tuple(f"out{i}" for i in range(values.ndim - 1))
-    return SweepResult(values.view(shape), dims, {n: c for n, c in axes}, target_score, source_score)
+    return SweepResult(values.view(shape), dims, {n: c for n, c in axes}, context_score, source_score)
 
 
 def _check(i: int, n: int, what: str) -> int:

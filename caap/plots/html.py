@@ -17,6 +17,7 @@ from PIL import Image
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
+from caap.files import atomic_path
 from caap.plots._inputs import (
     INTERPOLATIONS,
     _as_map,
@@ -393,6 +394,6 @@ def save_html(fig: go.Figure, path: str | os.PathLike) -> Path:
     if not hasattr(fig, "write_html"):
         raise TypeError(f"save_html needs a plotly Figure, got {type(fig).__name__}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_html(path, include_plotlyjs=True, include_mathjax=False, full_html=True, config={"displaylogo": False})
+    with atomic_path(path) as tmp:  # never a truncated HTML file (caap.files)
+        fig.write_html(tmp, include_plotlyjs=True, include_mathjax=False, full_html=True, config={"displaylogo": False})
     return path

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from caap.files import atomic_path
 from caap.plots._inputs import (
     Box,
     _as_map,
@@ -89,8 +90,8 @@ def _check_scale(scale: float) -> float:
 
 def _save_pil(im: Image.Image, path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path, format=None if path.suffix else "PNG")
+    with atomic_path(path) as tmp:  # never a truncated PNG (caap.files)
+        im.save(tmp, format=None if path.suffix else "PNG")  # the temporary name keeps the suffix
     return path
 
 
@@ -316,9 +317,13 @@ def save_heatmap_png(
     if title:
         ax.set_title(title)
     fig.tight_layout()
+    return _savefig(fig, path)
+
+
+def _savefig(fig: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_path(path) as tmp:  # never a truncated file (caap.files)
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     return path
 
 
@@ -374,9 +379,6 @@ def save_bar_png(
         ax.set_title(title)
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _savefig(fig, path)
 
 
