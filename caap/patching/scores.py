@@ -1,5 +1,5 @@
 """Score functions for patching runs (`ScoreFn`): `score_fn(output, pair) -> [rows]` (or [rows, k] for several
-classes), each reading `caap.targets.class_score` off the output."""
+classes), each reading `caap.targets.class_score` off the output.
 
 `output` is the model's output for a batch of rows: logits [rows, n_classes] for a ViT, or
 [rows, seq, vocab] for a language model (`pos` picks the position, default the last). `pair` gives each
