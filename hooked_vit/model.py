@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 from einops import rearrange
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.hook_points import HookedRootModule, HookPoint
 
@@ -189,6 +189,29 @@ class HookedViT(HookedRootModule):
         if self.ln_pre is not None:
             x = self.ln_pre(x)
         return x
+
+    def forward_patches(
+        self, pixels: Float[Tensor, "batch chan height width"], keep: Int[Tensor, "batch k"]
+    ) -> Float[Tensor, "batch n_classes"]:
+        """Logits of the model run on its prefix tokens and only the patch tokens `keep` (per image, k
+        indices into the row-major patch grid, each at most once): the other patches are dropped from the
+        token sequence, not filled in, and every kept token keeps its own position embedding. A ViT takes
+        any number of tokens, so this needs no substitute image ("zero", blur, ...): token deletion and
+        insertion metrics and input-sampling methods use it. With average pooling the mean is over the
+        kept tokens; k = 0 leaves the prefix tokens alone."""
+        resid = self.embed(pixels)
+        b, n_patches = pixels.shape[0], resid.shape[1] - self.cfg.n_prefix_tokens
+        keep = torch.as_tensor(keep, device=resid.device)
+        if keep.ndim != 2 or keep.shape[0] != b or keep.is_floating_point() or keep.dtype == torch.bool:
+            raise ValueError(f"keep must be integer patch indices [batch={b}, k], got {keep.dtype} {tuple(keep.shape)}")
+        if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= n_patches):
+            raise ValueError(f"keep holds patch indices outside 0..{n_patches - 1}: {int(keep.min())}..{int(keep.max())}")
+        if keep.shape[1] > 1 and bool((keep.sort(dim=1).values.diff(dim=1) == 0).any()):
+            raise ValueError("keep names a patch twice in one row; each kept patch appears once")
+        prefix = torch.arange(self.cfg.n_prefix_tokens, device=resid.device).expand(b, -1)
+        index = torch.cat([prefix, keep.long() + self.cfg.n_prefix_tokens], dim=1)
+        kept = resid.gather(1, index[..., None].expand(-1, -1, resid.shape[-1]))
+        return self(kept, start_at_layer=0)
 
     def _pos_embed_for(self, grid: tuple[int, int]) -> Float[Tensor, "1 pos d_model"]:
         assert self.pos_embed is not None

@@ -517,3 +517,28 @@ def test_prefix_and_patch_positions(hooked_pair, pixels, name, kwargs, expected)
         torch.testing.assert_close(resid[:, idx], params[kind].detach().expand(2, -1, -1) + pos[:, idx])
     patches = model.patch_positions()
     torch.testing.assert_close(resid[:, patches], cache["hook_embed"] + pos[:, patches])
+
+
+# ------------------------------------------------------------------------------------ dropping tokens
+@pytest.mark.parametrize("kwargs", [{}, {"global_pool": "avg", "fc_norm": True}, {"reg_tokens": 2, "class_token": True}])
+def test_forward_patches_drops_tokens_from_the_sequence(kwargs):
+    """Keeping every patch is the plain forward; keeping some equals a model run on the shorter
+    sequence built by hand (prefix tokens + kept patches, each with its own position embedding)."""
+    model = HookedViT.from_timm("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=64, **kwargs).eval()
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    n, p = model.cfg.grid_size[0] * model.cfg.grid_size[1], model.cfg.n_prefix_tokens
+    with torch.no_grad():
+        every = torch.arange(n).expand(2, -1)
+        torch.testing.assert_close(model.forward_patches(pixels, every), model(pixels), atol=1e-5, rtol=0)
+        keep = torch.tensor([[0, 5, 7], [15, 3, 9]])
+        resid = model.embed(pixels)
+        by_hand = torch.stack([
+            model(torch.cat([resid[i, :p], resid[i, p + keep[i]]])[None], start_at_layer=0)[0] for i in range(2)
+        ])
+        torch.testing.assert_close(model.forward_patches(pixels, keep), by_hand, atol=1e-5, rtol=0)
+        assert not torch.allclose(model.forward_patches(pixels, keep), model(pixels), atol=1e-3)
+        model.forward_patches(pixels, torch.zeros(2, 0, dtype=torch.long))  # prefix tokens only
+    for bad, message in [(torch.tensor([[0, 0]] * 2), "twice"), (torch.tensor([[n]] * 2), "outside"),
+                         (torch.tensor([[0.5]] * 2), "integer"), (torch.tensor([0, 1]), "integer")]:
+        with pytest.raises(ValueError, match=message):
+            model.forward_patches(pixels, bad)
