@@ -375,7 +375,7 @@ class HookedViT(HookedRootModule):
         remove_batch_dim: bool = False,
         pos_slice: Any = None,
         **kwargs: Any,
-    ):
+    ) -> tuple[Tensor, ViTActivationCache | dict[str, Tensor]]:
         """Run and cache activations; returns (output, `ViTActivationCache`), as TransformerLens does.
 
         `remove_batch_dim` and `pos_slice` are applied here rather than by TransformerLens, which
@@ -403,7 +403,7 @@ class HookedViT(HookedRootModule):
         return (w + self.head_dist.weight.T) / 2 if self.head_dist is not None else w
 
     @property
-    def b_U(self) -> Float[Tensor, "n_classes"]:
+    def b_U(self) -> Float[Tensor, " n_classes"]:
         if self.head is None:
             raise ValueError("this model has no classification head (n_classes=0)")
         return (self.head.bias + self.head_dist.bias) / 2 if self.head_dist is not None else self.head.bias
