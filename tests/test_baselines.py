@@ -219,8 +219,8 @@ def test_bad_settings():
         AttentionRollout(model, head_fusion="median")
     with pytest.raises(ValueError, match="discard_ratio"):
         AttentionRollout(model, discard_ratio=1.0)
-    with pytest.raises(ValueError, match="baseline"):
-        Occlusion(model, baseline="blurry")
+    with pytest.raises(ValueError, match="reference"):
+        Occlusion(model, reference="blurry")
     with pytest.raises(ValueError, match="n_steps"):
         IntegratedGradients(model, n_steps=0)
     with pytest.raises(ValueError, match="score"):
@@ -385,17 +385,17 @@ def test_input_x_gradient_linear():
 
 
 @pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid", "riemann_left"])
-@pytest.mark.parametrize("baseline", ["zero", "black"])
-def test_integrated_gradients_linear(method, baseline):
+@pytest.mark.parametrize("reference", ["zero", "black"])
+def test_integrated_gradients_linear(method, reference):
     """On an affine function IG is exact for any quadrature: (x - x') * gradient."""
     model = linear_model()
     x = torch.randn(2, 3, 64, 64)
-    if baseline == "zero":
+    if reference == "zero":
         base = torch.zeros(1, 3, 1, 1)
     else:
         mean, std = torch.tensor(model.data_config["mean"]), torch.tensor(model.data_config["std"])
         base = (-mean / std).view(1, 3, 1, 1)
-    ig = IntegratedGradients(model, baseline=baseline, n_steps=5, method=method, internal_batch_size=3)
+    ig = IntegratedGradients(model, reference=reference, n_steps=5, method=method, internal_batch_size=3)
     out = ig.attribute(x, [3, 7])
     for i, t in enumerate([3, 7]):
         ref = ((x[i] - base[0]) * linear_gradient(model, t, (64, 64))).sum(0)
@@ -423,14 +423,14 @@ def test_smoothgrad_linear():
     torch.testing.assert_close(out, g.abs().sum(0).expand(2, 64, 64), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("baseline", ["zero", "mean"])
-def test_occlusion_linear(baseline):
+@pytest.mark.parametrize("reference", ["zero", "mean"])
+def test_occlusion_linear(reference):
     """Occluding patch i of an affine model drops the logit by the patch's own linear term."""
     model = linear_model(img_size=(48, 64))  # 3x4 grid
     x = torch.randn(2, 3, 48, 64)
-    out = Occlusion(model, baseline=baseline, score="logit", internal_batch_size=5).attribute(x, [3, 7])
+    out = Occlusion(model, reference=reference, score="logit", internal_batch_size=5).attribute(x, [3, 7])
     for i, t in enumerate([3, 7]):
-        base = x[i].mean(dim=(1, 2), keepdim=True) if baseline == "mean" else 0
+        base = x[i].mean(dim=(1, 2), keepdim=True) if reference == "mean" else 0
         contrib = ((x[i] - base) * linear_gradient(model, t, (48, 64))).sum(0)
         ref = contrib.view(3, 16, 4, 16).sum(dim=(1, 3))
         torch.testing.assert_close(out[i], ref, rtol=1e-4, atol=1e-5)

@@ -1,5 +1,5 @@
 """Helpers the baseline methods share: gradients whatever the caller's autograd mode, the target score,
-the readout row of attention matrices, baseline pixel values, and channel reduction.
+the readout row of attention matrices, reference pixel values, and channel reduction.
 
 Token conventions (see `hooked_vit.model`): prefix tokens first (class token, register tokens,
 distillation token), then the patches row-major. Every map is over the patch tokens only.
@@ -32,7 +32,7 @@ from hooked_vit.preprocess import constant_image
 
 Readout = Literal["auto", "class", "pooled"]
 BASELINE_SCORES = ("logit", "prob", "log_prob")
-"""The scores (`caap.targets.Score`) a baseline may differentiate or compare."""
+"""The scores (`caap.targets.Score`) a baseline method may differentiate or compare."""
 READOUTS = ("auto", "class", "pooled")
 
 
@@ -82,29 +82,35 @@ def patch_slice(model: HookedViT) -> slice:
     return slice(model.cfg.n_prefix_tokens, None)
 
 
-BASELINE_HELP = (
+REFERENCE_HELP = (
     "'zero' (zeros in normalised space: the normalisation mean colour), 'black' (pixel value 0 before "
     "normalisation), 'mean' (each image's own per-channel mean), a float (in normalised space), or a tensor "
     "broadcastable to the pixels"
 )
 
 
-def baseline_pixels(
-    model: HookedViT, pixels: Float[Tensor, "batch chan H W"], baseline: str | float | Tensor
+def check_reference(reference: object) -> None:
+    """A ValueError unless `reference` is a name `reference_pixels` knows, a number or a tensor."""
+    if isinstance(reference, str) and reference not in ("zero", "black", "mean"):
+        raise ValueError(f"reference={reference!r} is not accepted; use {REFERENCE_HELP}")
+
+
+def reference_pixels(
+    model: HookedViT, pixels: Float[Tensor, "batch chan H W"], reference: str | float | Tensor
 ) -> Float[Tensor, "batch chan H W"]:
     """The reference input that ablated / interpolated pixels take, expanded to `pixels`' shape."""
-    if isinstance(baseline, Tensor):
-        return baseline.to(device=pixels.device, dtype=pixels.dtype).expand_as(pixels)
-    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
-        return torch.full_like(pixels, float(baseline))
-    if baseline == "zero":
+    if isinstance(reference, Tensor):
+        return reference.to(device=pixels.device, dtype=pixels.dtype).expand_as(pixels)
+    if isinstance(reference, (int, float)) and not isinstance(reference, bool):
+        return torch.full_like(pixels, float(reference))
+    if reference == "zero":
         return torch.zeros_like(pixels)
-    if baseline == "black":
+    if reference == "black":
         b, c, h, w = pixels.shape
         return constant_image(0.0, (h, w), model.data_config, b, c, pixels.device, pixels.dtype)
-    if baseline == "mean":
+    if reference == "mean":
         return pixels.mean(dim=(2, 3), keepdim=True).expand_as(pixels)
-    raise ValueError(f"baseline={baseline!r} is not accepted; use {BASELINE_HELP}")
+    raise ValueError(f"reference={reference!r} is not accepted; use {REFERENCE_HELP}")
 
 
 def reduce_channels(attr: Float[Tensor, "batch chan H W"], abs: bool) -> Float[Tensor, "batch H W"]:

@@ -18,15 +18,15 @@ from torch import Tensor
 
 from caap.attribution.base import AttributionMethod
 from caap.baselines._common import (
-    BASELINE_HELP,
     BASELINE_SCORES,
-    baseline_pixels,
     check_choice,
     check_positive_int,
+    check_reference,
     chunks,
     finish,
     input_gradients,
     reduce_channels,
+    reference_pixels,
 )
 from caap.targets import Score
 from hooked_vit import HookedViT
@@ -91,7 +91,7 @@ class IntegratedGradients(AttributionMethod):
     quadrature error: map.sum() ≈ y_t(x) - y_t(x') with `abs=False`.
 
     Args:
-        baseline: x'. "zero" (default: zeros in normalised space, i.e. the normalisation mean colour),
+        reference: x'. "zero" (default: zeros in normalised space, i.e. the normalisation mean colour),
             "black" (pixel value 0 before normalisation), "mean", a float or a tensor.
         n_steps: quadrature points (Captum's default 50).
         method: "gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid".
@@ -106,7 +106,7 @@ class IntegratedGradients(AttributionMethod):
     def __init__(
         self,
         model: HookedViT,
-        baseline: str | float | Tensor = "zero",
+        reference: str | float | Tensor = "zero",
         n_steps: int = 50,
         method: IGMethod = "gausslegendre",
         internal_batch_size: int = 32,
@@ -117,16 +117,15 @@ class IntegratedGradients(AttributionMethod):
         check_positive_int("n_steps", n_steps)
         check_positive_int("internal_batch_size", internal_batch_size)
         check_choice("score", score, BASELINE_SCORES)
-        if isinstance(baseline, str) and baseline not in ("zero", "black", "mean"):
-            raise ValueError(f"baseline={baseline!r} is not accepted; use {BASELINE_HELP}")
+        check_reference(reference)
         self.steps, self.alphas = ig_alphas(n_steps, method)
-        self.baseline, self.n_steps, self.method = baseline, n_steps, method
+        self.reference, self.n_steps, self.method = reference, n_steps, method
         self.internal_batch_size, self.abs, self.score = internal_batch_size, bool(abs), score
 
     def integrated_gradients(self, pixels: Tensor, targets: Tensor) -> Float[Tensor, "batch chan H W"]:
         """The per-channel attributions [batch, chan, H, W], before the channel reduction."""
         x = pixels.detach()
-        base = baseline_pixels(self.model, x, self.baseline)
+        base = reference_pixels(self.model, x, self.reference)
         diff = x - base
         alphas = torch.tensor(self.alphas, device=x.device, dtype=x.dtype)
         steps = torch.tensor(self.steps, device=x.device, dtype=x.dtype)
@@ -145,7 +144,7 @@ class IntegratedGradients(AttributionMethod):
 
     def __repr__(self) -> str:
         return (
-            f"IntegratedGradients(baseline={self.baseline!r}, n_steps={self.n_steps}, method={self.method!r}, "
+            f"IntegratedGradients(reference={self.reference!r}, n_steps={self.n_steps}, method={self.method!r}, "
             f"internal_batch_size={self.internal_batch_size}, abs={self.abs}, score={self.score!r})"
         )
 

@@ -8,14 +8,14 @@ from torch import Tensor
 
 from caap.attribution.base import AttributionMethod
 from caap.baselines._common import (
-    BASELINE_HELP,
     BASELINE_SCORES,
-    baseline_pixels,
     batched_scores,
     check_choice,
     check_positive_int,
+    check_reference,
     chunks,
     finish,
+    reference_pixels,
 )
 from caap.targets import Score
 from hooked_vit import HookedViT
@@ -25,14 +25,14 @@ class Occlusion(AttributionMethod):
     """Occlusion: Zeiler & Fergus 2014, "Visualizing and Understanding Convolutional Networks" (ECCV),
     with the occluder the size of one ViT patch, stepped patch by patch.
 
-        map[i] = y_t(x) - y_t(x with patch i replaced by the baseline)
+        map[i] = y_t(x) - y_t(x with patch i replaced by the reference)
 
     so higher means that hiding the patch lowers the target score more. The paper plots the probability
     of the correct class (`score="prob"`, the default); `score="logit"` measures the logit drop.
     The rows (image, patch) run `internal_batch_size` at a time.
 
     Args:
-        baseline: what a hidden patch shows: "zero" (default: zeros in normalised space, the
+        reference: what a hidden patch shows: "zero" (default: zeros in normalised space, the
             normalisation mean colour; the paper's grey square), "mean" (the image's own per-channel
             mean), "black", a float or a tensor.
         score: "prob" (default), "logit" or "log_prob".
@@ -45,22 +45,21 @@ class Occlusion(AttributionMethod):
     def __init__(
         self,
         model: HookedViT,
-        baseline: str | float | Tensor = "zero",
+        reference: str | float | Tensor = "zero",
         score: Score = "prob",
         internal_batch_size: int = 64,
     ) -> None:
         super().__init__(model)
         check_choice("score", score, BASELINE_SCORES)
         check_positive_int("internal_batch_size", internal_batch_size)
-        if isinstance(baseline, str) and baseline not in ("zero", "black", "mean"):
-            raise ValueError(f"baseline={baseline!r} is not accepted; use {BASELINE_HELP}")
-        self.baseline, self.score, self.internal_batch_size = baseline, score, internal_batch_size
+        check_reference(reference)
+        self.reference, self.score, self.internal_batch_size = reference, score, internal_batch_size
 
     def _attribute(self, pixels: Float[Tensor, "batch chan H W"], targets: Int[Tensor, " batch"]) -> Tensor:
         gh, gw = self.model.grid_size_for(pixels)
         ph, pw = self.model.cfg.patch_size
         x = pixels.detach()
-        base = baseline_pixels(self.model, x, self.baseline)
+        base = reference_pixels(self.model, x, self.reference)
         full = batched_scores(self.model, x, targets, self.score)
         n = gh * gw
         rows = torch.arange(x.shape[0] * n, device=x.device)
@@ -77,6 +76,6 @@ class Occlusion(AttributionMethod):
 
     def __repr__(self) -> str:
         return (
-            f"Occlusion(baseline={self.baseline!r}, score={self.score!r}, "
+            f"Occlusion(reference={self.reference!r}, score={self.score!r}, "
             f"internal_batch_size={self.internal_batch_size})"
         )

@@ -11,13 +11,13 @@ from torch import Tensor
 
 from caap.attribution.base import AttributionMethod
 from caap.baselines._common import (
-    BASELINE_HELP,
     BASELINE_SCORES,
-    baseline_pixels,
     batched_scores,
     check_choice,
     check_positive_int,
+    check_reference,
     finish,
+    reference_pixels,
 )
 from caap.targets import Score
 from hooked_vit import HookedViT
@@ -34,7 +34,7 @@ class RISE(AttributionMethod):
         S(pixel) = 1 / (N p1) Σ_i y_t(x ⊙ M_i) M_i(pixel)
 
     with y_t the softmax probability of the target (the reference code puts a softmax on the model).
-    Masking blends towards the baseline, x ⊙ M + x' ⊙ (1 - M); with the default x' = 0 in normalised
+    Masking blends towards the reference, x ⊙ M + x' ⊙ (1 - M); with the default x' = 0 in normalised
     space that is the reference code's `masks * x` on the normalised tensor.
 
     The masks come from a CPU generator seeded with `seed` at every call, so the same seed gives the same
@@ -49,7 +49,7 @@ class RISE(AttributionMethod):
         s: the coarse grid's size, s x s cells (paper: 7); the cell size is ceil(H/s) x ceil(W/s).
         p1: probability that a cell is kept (paper: 0.5).
         seed: mask seed.
-        baseline: what masked-out pixels blend to ("zero" default, "black", "mean", a float, a tensor).
+        reference: what masked-out pixels blend to ("zero" default, "black", "mean", a float, a tensor).
         score: "prob" (default), "logit" or "log_prob".
         internal_batch_size: forward rows at a time (images x masks).
     """
@@ -64,7 +64,7 @@ class RISE(AttributionMethod):
         s: int = 7,
         p1: float = 0.5,
         seed: int = 0,
-        baseline: str | float | Tensor = "zero",
+        reference: str | float | Tensor = "zero",
         score: Score = "prob",
         internal_batch_size: int = 100,
     ) -> None:
@@ -75,10 +75,9 @@ class RISE(AttributionMethod):
         check_choice("score", score, BASELINE_SCORES)
         if not 0.0 < p1 <= 1.0:
             raise ValueError(f"p1 must be in (0, 1], got {p1!r}")
-        if isinstance(baseline, str) and baseline not in ("zero", "black", "mean"):
-            raise ValueError(f"baseline={baseline!r} is not accepted; use {BASELINE_HELP}")
+        check_reference(reference)
         self.n_masks, self.s, self.p1, self.seed = n_masks, s, float(p1), int(seed)
-        self.baseline, self.score, self.internal_batch_size = baseline, score, internal_batch_size
+        self.reference, self.score, self.internal_batch_size = reference, score, internal_batch_size
 
     def mask_recipe(self, size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
         """The seeded draws: grids [N, s, s], shifts [N] (rows), [N] (columns), and the cell size."""
@@ -109,7 +108,7 @@ class RISE(AttributionMethod):
     def _attribute(self, pixels: Float[Tensor, "batch chan H W"], targets: Int[Tensor, " batch"]) -> Tensor:
         x = pixels.detach()
         b, _, h, w = x.shape
-        base = baseline_pixels(self.model, x, self.baseline)
+        base = reference_pixels(self.model, x, self.reference)
         grids, dy, dx, cell = self.mask_recipe((h, w))
         per_chunk = max(1, self.internal_batch_size // b)
         sal = torch.zeros(b, h, w, device=x.device, dtype=x.dtype)
@@ -124,6 +123,6 @@ class RISE(AttributionMethod):
 
     def __repr__(self) -> str:
         return (
-            f"RISE(n_masks={self.n_masks}, s={self.s}, p1={self.p1}, seed={self.seed}, baseline={self.baseline!r}, "
+            f"RISE(n_masks={self.n_masks}, s={self.s}, p1={self.p1}, seed={self.seed}, reference={self.reference!r}, "
             f"score={self.score!r}, internal_batch_size={self.internal_batch_size})"
         )
