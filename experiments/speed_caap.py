@@ -103,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.tl_models.split(","):
             torch.manual_seed(0)
             model = HookedViT.from_timm(name, pretrained=False, device=device, dtype=dtype)
-            model.cfg.device = device  # generic_activation_patch allocates its output on model.cfg.device
             g = torch.Generator().manual_seed(1)
             clean = torch.randn(1, 3, *model.cfg.img_size, generator=g).to(device, dtype)
             corrupt = torch.randn(1, 3, *model.cfg.img_size, generator=g).to(device, dtype)

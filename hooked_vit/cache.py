@@ -18,8 +18,9 @@ Overridden, and why:
 - `logit_attrs`: classes instead of tokens, and the logit is read off the *pooled* representation
   (class token, mean over patches, or DeiT's class + distillation tokens through two heads).
 - `stack_head_results` / `stack_neuron_results` at layer 0, `apply_slice_to_batch_dim`,
-  `compute_head_results`: small fixes (TransformerLens reads `cfg.device`, which a HookedViT config
-  has not, returns a plain cache, and warns on every call once per-head results are cached).
+  `compute_head_results`: small fixes (at layer 0 TransformerLens shapes the empty stack like
+  `hook_embed`, which in a ViT holds the patches only, and takes the remainder from the last layer;
+  it returns a plain cache; it warns on every call once per-head results are cached).
 
 Added: `pool_stack` (the model's pooling applied to a stack), `logit_contributions` (every class at
 once) and `logit_bias` (what no component owns).
@@ -191,7 +192,8 @@ class ViTActivationCache(ActivationCache):
         """Each head's output (`attn.hook_result`, LayerScale included, `b_O` excluded) for the layers
         before `layer`: [layer * n_heads, *batch, pos, d_model], labels "L{l}H{h}". With
         `incl_remainder`, a last "remainder" makes the stack sum to the residual stream. TransformerLens'
-        implementation, except at layer 0 (it reads `cfg.device` and takes the wrong remainder)."""
+        implementation, except at layer 0 (its empty stack has `hook_embed`'s shape, patches only, and its
+        remainder is the last layer's residual stream)."""
         if layer is None or layer == -1:
             layer = self.model.cfg.n_layers
         if layer > 0:
@@ -202,7 +204,7 @@ class ViTActivationCache(ActivationCache):
                              return_labels: bool = False, incl_remainder: bool = False, apply_ln: bool = False,
                              project_output_onto: Tensor | None = None):
         """TransformerLens' `stack_neuron_results` (each MLP neuron's output, `W_out` with LayerScale),
-        with layer 0 handled here (TransformerLens reads `cfg.device` there)."""
+        with layer 0 handled here (TransformerLens shapes the empty stack like `hook_embed`, patches only)."""
         if layer is None or layer == -1:
             layer = self.model.cfg.n_layers
         if layer > 0 or project_output_onto is not None:

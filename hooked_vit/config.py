@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+import torch
+
 ActFn = Literal["gelu", "gelu_tanh", "quick_gelu", "relu", "silu"]
 Pooling = Literal["token", "avg", "max", "avgmax"]
 
@@ -72,6 +74,10 @@ class HookedViTConfig:
     # --- run-time options, as in TransformerLens
     use_attn_result: bool = False
     """Compute each head's output separately (`attn.hook_result`, [batch, pos, head, d_model])."""
+    device: str | torch.device | None = None
+    """Where the model's parameters are, as in TransformerLens' config (whose utilities, e.g.
+    `patching.generic_activation_patch` and `ActivationCache`, read it): set by `HookedViT` when it is
+    built and kept in sync by its `.to()` / `.cuda()` / `.cpu()`."""
     # --- fixed, for transformer_lens.ActivationCache
     normalization_type: str = field(default="LN", init=False)
     attn_only: bool = field(default=False, init=False)
@@ -120,7 +126,7 @@ class HookedViTConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for k in ("normalization_type", "attn_only", "positional_embedding_type"):
+        for k in ("normalization_type", "attn_only", "positional_embedding_type", "device"):
             d.pop(k)
         return d
 

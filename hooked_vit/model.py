@@ -30,7 +30,8 @@ Token axis: prefix tokens first (class, registers, distillation), then patches r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,7 +39,8 @@ import torch.nn as nn
 from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens.hook_points import HookedRootModule, HookPoint
+from transformer_lens import HookedRootModule  # its public home in TransformerLens 3 and 4
+from transformer_lens.hook_points import HookPoint
 
 from hooked_vit.components import LayerNorm, PatchEmbed, TransformerBlock
 from hooked_vit.config import HookedViTConfig
@@ -79,6 +81,7 @@ class HookedViT(HookedRootModule):
         self.hook_pooled = HookPoint()  # [batch, d_model] ([batch, 2, d_model] when distilled)
         self._tail_hook_points: list[HookPoint] | None = None  # see _head_tokens
         self.setup()
+        self.cfg.device = self._param_device()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -357,12 +360,22 @@ class HookedViT(HookedRootModule):
             raise ValueError(_unknown_hook_message(name, self.hook_dict))
         super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
 
-    def _enable_hook_with_name(self, name: str, hook, dir) -> None:  # used by hooks() / run_with_hooks
-        if name not in self.hook_dict:
-            raise ValueError(_unknown_hook_message(name, self.hook_dict))
-        if not self.is_caching:  # run_with_cache names every hook point; a user's named hook must fire
-            self.check_hooks_to_add(self.hook_dict[name], name, hook, dir=dir)
-        super()._enable_hook_with_name(name, hook, dir)
+    @contextmanager
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end=True, clear_contexts=False) -> Iterator[HookedViT]:
+        """TransformerLens' `hooks()` (also behind `run_with_hooks`), after checking every named hook point:
+        an unknown name raises a ValueError with the closest names (TransformerLens: a KeyError), and a
+        user's hook on `attn.hook_result` needs per-head results (`run_with_cache` names every hook point,
+        so caching skips that check)."""
+        for hooks, direction in ((fwd_hooks, "fwd"), (bwd_hooks, "bwd")):
+            for name, hook in hooks:
+                if not isinstance(name, str):
+                    continue
+                if name not in self.hook_dict:
+                    raise ValueError(_unknown_hook_message(name, self.hook_dict))
+                if not self.is_caching:
+                    self.check_hooks_to_add(self.hook_dict[name], name, hook, dir=direction)
+        with super().hooks(list(fwd_hooks), list(bwd_hooks), reset_hooks_end, clear_contexts) as model:
+            yield model
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
         """Compute per-head outputs (`blocks.{l}.attn.hook_result`); slower, so off by default."""
@@ -443,6 +456,22 @@ class HookedViT(HookedRootModule):
 
     def _param_device(self) -> torch.device:
         return next(self.parameters()).device
+
+    # `cfg.device` follows the parameters, as TransformerLens' config does (its utilities read it)
+    def to(self, *args: Any, **kwargs: Any) -> HookedViT:  # type: ignore[override]
+        out = super().to(*args, **kwargs)
+        self.cfg.device = self._param_device()
+        return out
+
+    def cuda(self, device: Any = None) -> HookedViT:  # type: ignore[override]
+        out = super().cuda(device)
+        self.cfg.device = self._param_device()
+        return out
+
+    def cpu(self) -> HookedViT:  # type: ignore[override]
+        out = super().cpu()
+        self.cfg.device = self._param_device()
+        return out
 
     @property
     def device(self) -> torch.device:

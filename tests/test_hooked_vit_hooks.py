@@ -542,3 +542,23 @@ def test_forward_patches_drops_tokens_from_the_sequence(kwargs):
                          (torch.tensor([[0.5]] * 2), "integer"), (torch.tensor([0, 1]), "integer")]:
         with pytest.raises(ValueError, match=message):
             model.forward_patches(pixels, bad)
+
+
+
+def test_cfg_device_follows_the_parameters(small_model, pixels):
+    """`cfg.device`, as TransformerLens' config has it, follows `.to()`; TransformerLens' patching utilities
+    (which allocate on `model.cfg.device`) then run on a HookedViT as they are."""
+    import pandas as pd
+    from transformer_lens import patching
+
+    model = small_model
+    x = pixels(model, batch=1)
+    assert model.cfg.device == torch.device("cpu")
+    model.to(torch.float64).to(torch.float32)
+    assert model.cfg.device == model.device == torch.device("cpu")
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(x)
+        index = pd.DataFrame([(0, 0), (0, 1)], columns=["layer", "pos"])
+        out = patching.generic_activation_patch(model, x, cache, lambda logits: logits[0, 0],
+                                                patching.layer_pos_patch_setter, "resid_pre", index_df=index)
+    assert out.shape == (2,) and out.device == torch.device("cpu")
