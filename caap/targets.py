@@ -55,7 +55,7 @@ def check_classes(classes: Tensor, n_classes: int | None) -> None:
 
 def resolve_targets(
     model: Any,
-    pixels: Float[Tensor, "batch 3 height width"],
+    pixels: Float[Tensor, "batch chan H W"],
     target: Target,
     batch_size: int | None = None,
     logits: Float[Tensor, "batch n_classes"] | None = None,

@@ -80,7 +80,7 @@ class PatchEmbed(nn.Module):
             cfg.in_chans, cfg.d_model, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias
         )
 
-    def forward(self, pixels: Float[Tensor, "batch chan height width"]) -> Float[Tensor, "batch n_patches d_model"]:
+    def forward(self, pixels: Float[Tensor, "batch chan H W"]) -> Float[Tensor, "batch n_patches d_model"]:
         return rearrange(self.proj(pixels), "b d gh gw -> b (gh gw) d")
 
 

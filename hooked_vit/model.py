@@ -174,7 +174,7 @@ class HookedViT(HookedRootModule):
         return rearrange(x, "... gh gw -> ... (gh gw)")
 
     # ------------------------------------------------------------------ forward
-    def embed(self, pixels: Float[Tensor, "batch chan height width"]) -> Float[Tensor, "batch pos d_model"]:
+    def embed(self, pixels: Float[Tensor, "batch chan H W"]) -> Float[Tensor, "batch pos d_model"]:
         """Pixels -> the residual stream entering block 0 (`blocks.0.hook_resid_pre`)."""
         if not isinstance(pixels, Tensor) or pixels.ndim != 4 or pixels.shape[1] != self.cfg.in_chans:
             shape = tuple(pixels.shape) if isinstance(pixels, Tensor) else type(pixels).__name__
@@ -194,7 +194,7 @@ class HookedViT(HookedRootModule):
         return x
 
     def forward_patches(
-        self, pixels: Float[Tensor, "batch chan height width"], keep: Int[Tensor, "batch k"]
+        self, pixels: Float[Tensor, "batch chan H W"], keep: Int[Tensor, "batch k"]
     ) -> Float[Tensor, "batch n_classes"]:
         """Logits of the model run on its prefix tokens and only the patch tokens `keep` (per image, k
         indices into the row-major patch grid, each at most once): the other patches are dropped from the
@@ -445,7 +445,7 @@ class HookedViT(HookedRootModule):
             raise ValueError(f"class index out of range: accepted 0..{n - 1}, got {idx.tolist()}")
 
     # ------------------------------------------------------------------ images
-    def preprocess(self, images: Any) -> Float[Tensor, "batch chan height width"]:
+    def preprocess(self, images: Any) -> Float[Tensor, "batch chan H W"]:
         """Paths, PIL images, uint8/float arrays (greyscale, RGB, RGBA) or a list of them ->
         pixels [batch, 3, H, W], with the source model's own timm data config, on the model's device
         and in its dtype (a bfloat16 model gets bfloat16 pixels)."""

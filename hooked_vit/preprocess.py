@@ -135,7 +135,7 @@ def make_transform(data_config: dict[str, Any]):
     return _transform(tuple(sorted(data_config.items())))
 
 
-def preprocess(images: ImageLike | Sequence[ImageLike], data_config: dict[str, Any]) -> Float[Tensor, "batch 3 H W"]:
+def preprocess(images: ImageLike | Sequence[ImageLike], data_config: dict[str, Any]) -> Float[Tensor, "batch chan H W"]:
     """One image or a list of images -> a pixel batch with timm's eval transform for `data_config`."""
     if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)) or (
         isinstance(images, Tensor) and images.ndim in (2, 3)
@@ -176,14 +176,14 @@ def _stats(data_config: Any, like: Tensor) -> tuple[Tensor, Tensor]:
     return mean.view(1, -1, 1, 1).to(**kw), std.view(1, -1, 1, 1).to(**kw)
 
 
-def normalize(unit: Float[Tensor, "batch 3 height width"], data_config: Any) -> Float[Tensor, "batch 3 height width"]:
+def normalize(unit: Float[Tensor, "batch chan H W"], data_config: Any) -> Float[Tensor, "batch chan H W"]:
     """Unit RGB [0, 1] -> the model's normalised pixels, `(unit - mean) / std` (float32 at least)."""
     unit = unit if unit.is_floating_point() else unit.float()
     mean, std = _stats(data_config, unit)
     return (unit - mean) / std
 
 
-def unnormalize(pixels: Float[Tensor, "batch 3 height width"], data_config: Any) -> Float[Tensor, "batch 3 height width"]:
+def unnormalize(pixels: Float[Tensor, "batch chan H W"], data_config: Any) -> Float[Tensor, "batch chan H W"]:
     """The model's normalised pixels -> unit RGB, `pixels * std + mean` (not clipped)."""
     mean, std = _stats(data_config, pixels)
     return pixels * std + mean
@@ -192,7 +192,7 @@ def unnormalize(pixels: Float[Tensor, "batch 3 height width"], data_config: Any)
 def constant_image(
     value: float, size: tuple[int, int], data_config: Any, batch: int = 1, channels: int = 3,
     device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-) -> Float[Tensor, "batch 3 height width"]:
+) -> Float[Tensor, "batch chan H W"]:
     """An image of one unit-RGB `value` everywhere (0: black, 0.5: mid-grey) in the model's normalised
     pixels, [batch, channels, H, W]."""
     unit = torch.full((1, channels, 1, 1), float(value), device=device)
@@ -200,11 +200,11 @@ def constant_image(
 
 
 def gaussian_blur(
-    pixels: Float[Tensor, "batch chan height width"],
+    pixels: Float[Tensor, "batch chan H W"],
     sigma: float,
     kernel_size: int | None = None,
     padding: Literal["reflect", "zeros"] = "reflect",
-) -> Float[Tensor, "batch chan height width"]:
+) -> Float[Tensor, "batch chan H W"]:
     """Each channel blurred by a normalised Gaussian of `sigma` pixels, separably (rows, then columns).
 
     `kernel_size`: odd; default 2 * radius + 1 with radius = max(1, int(3 sigma)), capped at the image

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -37,6 +38,35 @@ ScoreFn = Callable[[Tensor, Tensor], Tensor]
 (logits), `pair` the index of each row's (source, context) pair, e.g. to look up its target class
 (`caap.patching.scores` makes the usual ones). Not to be confused with `caap.metrics.Metric`, which
 scores attribution maps."""
+
+
+class HookedModelConfig(Protocol):
+    n_layers: int
+
+
+class HookedModel(Protocol):
+    """What the engine needs of a model: what TransformerLens' `HookedRootModule` models share
+    (`HookedViT`, `transformer_lens.HookedTransformer`; TransformerLens 4's `TransformerBridge` has the
+    same): `cfg.n_layers`, the hook points by name (`hook_dict`), `run_with_cache(x, names_filter=...)`,
+    `hooks()` (a context that removes what `add_hook(name, fn, level=context_level)` adds inside it),
+    `forward(x, start_at_layer=..., stop_at_layer=...)` (a run from a given block's residual stream), and
+    `parameters()` (for the device). Sweeps over pixels also use a ViT's `grid_size_for` / `to_grid`."""
+
+    cfg: HookedModelConfig
+    hook_dict: dict[str, Any]
+    context_level: int
+
+    def __call__(self, input: Tensor, start_at_layer: int | None = ..., stop_at_layer: int | None = ...) -> Tensor: ...
+
+    def forward(self, input: Tensor, start_at_layer: int | None = ..., stop_at_layer: int | None = ...) -> Tensor: ...
+
+    def run_with_cache(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Any]: ...
+
+    def hooks(self, *args: Any, **kwargs: Any) -> AbstractContextManager[Any]: ...
+
+    def add_hook(self, name: Any, hook: Callable, *args: Any, **kwargs: Any) -> None: ...
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
 
 
 @dataclass(frozen=True)
@@ -114,7 +144,7 @@ class InputContext:
     """A context given as model inputs (pixels or tokens): its residual stream entering every block
     comes from one forward pass (computed on first use)."""
 
-    def __init__(self, model: Any, inputs: Tensor) -> None:
+    def __init__(self, model: HookedModel, inputs: Tensor) -> None:
         self.model, self.inputs, self.n = model, inputs, inputs.shape[0]
         self._resid: dict[int, Tensor] = {}
 
@@ -141,7 +171,7 @@ class ResidContext:
         return self._fn(layer)
 
 
-def as_context(model: Any, context: Tensor | Context) -> Context:
+def as_context(model: HookedModel, context: Tensor | Context) -> Context:
     return InputContext(model, context) if isinstance(context, Tensor) else context
 
 
@@ -225,7 +255,7 @@ CPU_TOKENS_PER_PASS = 1600
 """On a CPU, the engine's default batch holds about this many tokens (8 rows of a 197-token ViT)."""
 
 
-def default_batch_size(model: Any, n_pos: int) -> int:
+def default_batch_size(model: HookedModel, n_pos: int) -> int:
     """Rows per forward pass when `batch_size` is None: 64 on an accelerator; on a CPU as many rows as
     fit in `CPU_TOKENS_PER_PASS` tokens (at least 1), because bigger batches run slower per row there once
     their activations leave the cache (`experiments/speed_batch.py` measures it; README, Speed)."""
@@ -234,14 +264,14 @@ def default_batch_size(model: Any, n_pos: int) -> int:
     return max(1, CPU_TOKENS_PER_PASS // max(1, n_pos))
 
 
-def _n_pos(model: Any, x: Tensor) -> int:
+def _n_pos(model: HookedModel, x: Tensor) -> int:
     """Tokens per row of an engine input: residual streams [n, pos, d] and tokens [n, pos] say so;
     pixels [n, C, H, W] have the model's n_ctx."""
     return x.shape[1] if x.ndim in (2, 3) else int(model.cfg.n_ctx)
 
 
 def batched_runs(
-    model: Any,
+    model: HookedModel,
     n_rows: int,
     batch_size: int | None,
     start_layer: int | None,
@@ -296,7 +326,7 @@ def batched_runs(
     return torch.cat(outs) if outs else torch.empty(0)
 
 
-def cache_sources(model: Any, sources: Tensor | dict[str, Tensor], hooks: Iterable[str]) -> dict[str, Tensor]:
+def cache_sources(model: HookedModel, sources: Tensor | dict[str, Tensor], hooks: Iterable[str]) -> dict[str, Tensor]:
     """The source activations at `hooks`: from one forward pass of the source inputs, or checked in a
     ready cache."""
     hooks = sorted(set(hooks))
@@ -315,7 +345,7 @@ def cache_sources(model: Any, sources: Tensor | dict[str, Tensor], hooks: Iterab
 
 
 def run_interventions(
-    model: Any,
+    model: HookedModel,
     interventions: Sequence[Intervention],
     sources: Tensor | dict[str, Tensor],
     context: Tensor | Context,
@@ -420,7 +450,7 @@ def _check_positions_align(source_cache: dict[str, Tensor], context: Context, ro
 
 
 @torch.inference_mode()
-def unpatched_scores(model: Any, context: Context, score_fn: ScoreFn, n_pairs: int, layer: int = 0) -> Tensor:
+def unpatched_scores(model: HookedModel, context: Context, score_fn: ScoreFn, n_pairs: int, layer: int = 0) -> Tensor:
     """`score_fn` of the unpatched runs in `context`, per pair (pair i runs in context row min(i, n - 1)):
     one forward pass of the context's rows from block `layer`, the scores every patched row of a pair is
     compared with."""

@@ -21,14 +21,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from caap.patching.engine import InputContext, ScoreFn, batched_runs, cache_sources
+from caap.patching.engine import HookedModel, InputContext, ScoreFn, batched_runs, cache_sources
 from hooked_vit.names import act_name
 
 Head = tuple[int, int]
 
 
 def path_patch(
-    model: Any,
+    model: HookedModel,
     sources: Tensor,
     contexts: Tensor,
     score_fn: ScoreFn,

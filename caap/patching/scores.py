@@ -56,5 +56,5 @@ def logit_diff_score(
     return score_fn
 
 
-# TEMPORARY, for caap/cli.py until it switches to the names above (then delete these three lines)
-logit_metric, prob_metric, logit_diff_metric = logit_score, prob_score, logit_diff_score
+# TEMPORARY, for caap/cli.py until it imports logit_score (then delete these two lines)
+logit_metric = logit_score

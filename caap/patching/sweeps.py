@@ -20,6 +20,7 @@ from torch import Tensor
 
 from caap.patching.engine import (
     Context,
+    HookedModel,
     InputContext,
     Intervention,
     ScoreFn,
@@ -80,7 +81,7 @@ class SweepResult:
         t, s = self.context_score.view(shape), self.source_score.view(shape)
         return replace(self, values=(self.values - t) / (s - t))
 
-    def to_grid(self, model: Any, grid_size: tuple[int, int] | None = None) -> "SweepResult":
+    def to_grid(self, model: HookedModel, grid_size: tuple[int, int] | None = None) -> "SweepResult":
         """Turn the `pos` axis into (`grid_h`, `grid_w`) with the model's grid helper (prefix tokens
         dropped). The positions swept must be every token, or every patch token."""
         ax = self.axis("pos")
@@ -109,7 +110,7 @@ def _n_pairs(n_sources: int, n_contexts: int) -> int:
 
 
 def sweep(
-    model: Any,
+    model: HookedModel,
     sources: Tensor,
     context: Tensor | Context,
     score_fn: ScoreFn,
@@ -195,7 +196,7 @@ def _check(i: int, n: int, what: str) -> int:
     return i % n
 
 
-def _n_positions(model: Any, sources: Tensor) -> int:
+def _n_positions(model: HookedModel, sources: Tensor) -> int:
     if sources.ndim == 4:  # pixels
         gh, gw = model.grid_size_for(sources)
         return model.cfg.n_prefix_tokens + gh * gw
