@@ -47,9 +47,13 @@ def test_batch_equals_single_images(model, pixels):
 
 def test_several_targets_at_once(model, pixels):
     caap = CAAP(model, layers=(2, 2), context="zero")
-    many = caap.attribute(pixels, target=torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    many = caap.attribute_classes(pixels, torch.tensor([[1, 2, 3], [4, 5, 6]]))
     assert many.shape == (2, 3, 4, 4)
     torch.testing.assert_close(many[:, 1], caap.attribute(pixels, target=[2, 5]), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="one integer class index per image"):  # one rank rule: [batch, h, w]
+        caap.attribute(pixels, target=torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    with pytest.raises(ValueError, match=r"classes must be \[batch=2, k\]"):
+        caap.attribute_classes(pixels, [1, 2])
 
 
 def test_single_layer_caap_equals_resid_sweep(model, pixels):

@@ -17,6 +17,7 @@ Choices the paper leaves open are parameters (see README for how the defaults we
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
 import torch
@@ -26,7 +27,7 @@ from torch import Tensor
 from caap.attribution.base import AttributionMethod
 from caap.contexts import NeutralContext, get_context
 from caap.patching.engine import Intervention, Write, run_interventions, unpatched_scores
-from caap.targets import Score, Target, check_score, class_score, resolve_targets
+from caap.targets import Score, check_score, class_score, resolve_targets
 from hooked_vit import HookedViT, act_name
 from hooked_vit.preprocess import check_pixels
 
@@ -72,8 +73,9 @@ class CAAP(AttributionMethod):
             (64 on a GPU, about 1600 tokens on a CPU).
         reference: reference images for the "mean" context (default: the shared ImageNet sample).
 
-    `attribute(pixels, target)` -> [batch, grid_h, grid_w]; with `target` of shape [batch, k]
-    (several classes per image) -> [batch, k, grid_h, grid_w], at no extra cost.
+    `attribute(pixels, target)` -> [batch, grid_h, grid_w], one target class per image, as every method;
+    `attribute_classes(pixels, classes)` with classes [batch, k] -> [batch, k, grid_h, grid_w], at the
+    cost of one map.
     """
 
     name = "caap"
@@ -113,19 +115,25 @@ class CAAP(AttributionMethod):
             f"score={self.score!r})"
         )
 
-    def attribute(self, pixels: Float[Tensor, "batch chan H W"], target: Target = None) -> Tensor:
+    def attribute_classes(
+        self, pixels: Float[Tensor, "batch chan H W"], classes: Int[Tensor, "batch k"] | Sequence[Sequence[int]]
+    ) -> Float[Tensor, "batch k grid_h grid_w"]:
+        """Maps for several classes per image, [batch, k, grid_h, grid_w], at the cost of one: every
+        patched run is scored for all k classes (`attribute` is the one-class-per-image call)."""
         check_pixels(pixels)
         self.model.grid_size_for(pixels)
-        t = torch.as_tensor(target, device=pixels.device) if target is not None and not isinstance(target, int) else None
-        if t is not None and t.ndim == 2:
-            if t.shape[0] != pixels.shape[0]:
-                raise ValueError(f"target [batch, k] must have {pixels.shape[0]} rows, got {tuple(t.shape)}")
-            targets = torch.stack([resolve_targets(self.model, pixels, t[:, j]) for j in range(t.shape[1])], 1)
-            return self._attribute(pixels, targets)
-        return self._attribute(pixels, resolve_targets(self.model, pixels, target))
+        c = torch.as_tensor(classes, device=pixels.device)
+        if c.ndim != 2 or c.shape[0] != pixels.shape[0]:
+            raise ValueError(f"classes must be [batch={pixels.shape[0]}, k] class indices, got shape {tuple(c.shape)}")
+        k = [resolve_targets(self.model, pixels, c[:, j]) for j in range(c.shape[1])]
+        return self._maps(pixels, torch.stack(k, 1))
 
     @torch.inference_mode()
-    def _attribute(self, pixels: Tensor, targets: Int[Tensor, "batch *k"]) -> Tensor:
+    def _attribute(self, pixels: Tensor, targets: Int[Tensor, " batch"]) -> Float[Tensor, "batch grid_h grid_w"]:
+        return self._maps(pixels, targets[:, None])[:, 0]
+
+    @torch.inference_mode()
+    def _maps(self, pixels: Tensor, targets: Int[Tensor, "batch k"]) -> Float[Tensor, "batch k grid_h grid_w"]:
         model = self.model
         b = pixels.shape[0]
         grid = model.grid_size_for(pixels)
@@ -140,17 +148,16 @@ class CAAP(AttributionMethod):
             for p in range(n_patches)
         ]
         pairs = torch.arange(b, device=pixels.device).repeat_interleave(n_patches)
-        k = targets.view(b, -1)
-        reference = None
+        k = targets
+        context_score = None
         if self.score == "logit_diff":  # the unpatched context's score, once per image
-            reference = unpatched_scores(model, context, lambda logits, pair: class_score(logits, k[pair]), b, start)
+            context_score = unpatched_scores(model, context, lambda logits, pair: class_score(logits, k[pair]), b, start)
 
         def score_fn(logits: Tensor, pair: Tensor) -> Tensor:
-            return class_score(logits, k[pair], self.score, None if reference is None else reference[pair])
+            return class_score(logits, k[pair], self.score, None if context_score is None else context_score[pair])
 
         scores = run_interventions(
             model, rows, pixels, context, score_fn, batch_size=self.batch_size, pairs=pairs,
             progress="CAAP" if self.progress else False,
         )
-        maps = scores.view(b, n_patches, -1).permute(0, 2, 1).reshape(b, -1, *grid)
-        return maps if targets.ndim == 2 else maps[:, 0]
+        return scores.view(b, n_patches, -1).permute(0, 2, 1).reshape(b, -1, *grid)
