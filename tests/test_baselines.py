@@ -37,6 +37,11 @@ SMALL = {
     "rise": dict(n_masks=24, internal_batch_size=16),
     "occlusion": dict(internal_batch_size=160),
     "atman": dict(internal_batch_size=160),
+    # the baselines of tests/test_baselines_modern.py (their own invariants are tested there)
+    "tis": dict(n_masks=16, internal_batch_size=32, kmeans_iters=10),
+    "vit_cx": dict(internal_batch_size=64),
+    "beyond_intuition_head": dict(steps=3, internal_batch_size=8),
+    "beyond_intuition_token": dict(steps=3, internal_batch_size=8),
 }
 SEEDED = ("random", "smoothgrad", "rise")
 # one forward per patch: the batch-vs-alone check runs the second image alone only (its batch offset
@@ -200,6 +205,8 @@ def test_registry():
     assert set(BASELINES) == {
         "random", "rollout", "gae", "attention_gradcam", "gradsam", "gradcam", "input_x_gradient",
         "integrated_gradients", "smoothgrad", "occlusion", "rise", "atman",
+        "attnlrp", "libragrad_ixg", "libragrad_gae", "libragrad_gradsam", "tis", "vit_cx",
+        "beyond_intuition_head", "beyond_intuition_token",
     }
     for name, cls in BASELINES.items():
         assert cls.name == name and issubclass(cls, AttributionMethod)

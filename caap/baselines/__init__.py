@@ -17,6 +17,14 @@
 | occlusion              | Occlusion                      | Zeiler & Fergus 2014                    | patch      |
 | rise                   | RISE                           | Petsiuk et al. 2018                     | pixel      |
 | atman                  | AtMan                          | Deiseroth et al. 2023                   | patch      |
+| attnlrp                | AttnLRP                        | Achtibat et al. 2024                    | patch      |
+| libragrad_ixg          | LibraGradIxG                   | Mehri et al. 2025 (on Input x Gradient) | patch      |
+| libragrad_gae          | LibraGradGAE                   | Mehri et al. 2025 (on GAE)              | patch      |
+| libragrad_gradsam      | LibraGradGradSAM               | Mehri et al. 2025 (on Grad-SAM)         | patch      |
+| tis                    | TIS                            | Englebert et al. 2023                   | patch      |
+| vit_cx                 | ViTCX                          | Xie et al. 2023                         | pixel      |
+| beyond_intuition_head  | BeyondIntuitionHead            | Chen et al. 2023 (BT-H)                 | patch      |
+| beyond_intuition_token | BeyondIntuitionToken           | Chen et al. 2023 (BT-T)                 | patch      |
 
 Maps cover the patch tokens only (prefix tokens never get an entry); for how methods that read "the
 class token's row" treat register tokens, distillation tokens and models without a class token, see
@@ -30,13 +38,18 @@ from typing import Any
 from caap.attribution.base import AttributionMethod
 from caap.baselines.atman import AtMan
 from caap.baselines.attention_grads import AttentionGradCAM, GradSAM
+from caap.baselines.attnlrp import AttnLRP
+from caap.baselines.beyond_intuition import BeyondIntuitionHead, BeyondIntuitionToken
 from caap.baselines.gae import CheferGAE, GenericAttentionExplainability
 from caap.baselines.gradcam import GradCAM
 from caap.baselines.gradients import InputXGradient, IntegratedGradients, SmoothGrad
+from caap.baselines.libragrad import LibraGradGAE, LibraGradGradSAM, LibraGradIxG
 from caap.baselines.occlusion import Occlusion
 from caap.baselines.random_map import RandomAttribution
 from caap.baselines.rise import RISE
 from caap.baselines.rollout import AttentionRollout
+from caap.baselines.tis import TIS
+from caap.baselines.vitcx import ViTCX
 from hooked_vit import HookedViT
 
 BASELINES: dict[str, type[AttributionMethod]] = {
@@ -54,6 +67,14 @@ BASELINES: dict[str, type[AttributionMethod]] = {
         Occlusion,
         RISE,
         AtMan,
+        AttnLRP,
+        LibraGradIxG,
+        LibraGradGAE,
+        LibraGradGradSAM,
+        TIS,
+        ViTCX,
+        BeyondIntuitionHead,
+        BeyondIntuitionToken,
     )
 }
 """Registry: method name -> class (each class's `name`)."""
@@ -74,14 +95,22 @@ __all__ = [
     "AtMan",
     "AttentionGradCAM",
     "AttentionRollout",
+    "AttnLRP",
+    "BeyondIntuitionHead",
+    "BeyondIntuitionToken",
     "CheferGAE",
     "GenericAttentionExplainability",
     "GradCAM",
     "GradSAM",
     "InputXGradient",
     "IntegratedGradients",
+    "LibraGradGAE",
+    "LibraGradGradSAM",
+    "LibraGradIxG",
     "Occlusion",
     "RISE",
     "RandomAttribution",
     "SmoothGrad",
+    "TIS",
+    "ViTCX",
 ]
