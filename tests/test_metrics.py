@@ -284,7 +284,8 @@ def test_tiny_hooked_vit():
         for maps in (torch.rand(2, 4, 4), torch.rand(2, 2, 2), torch.rand(2, 64, 64)):
             v = m(model, pixels, maps)
             assert v.shape == (2,) and torch.isfinite(v).all(), name
-        if name in ("insertion", "deletion", "positive_perturbation", "negative_perturbation"):
+        if name in ("insertion", "deletion", "positive_perturbation", "negative_perturbation", "token_deletion",
+                    "token_insertion", "road_morf", "road_lerf"):
             assert ((v >= 0) & (v <= 1)).all(), name
     v = Insertion(level="pixel", n_steps=8)(model, pixels, torch.rand(2, 4, 4), targets=[1, 2])
     assert v.shape == (2,)
@@ -413,6 +414,7 @@ def test_registry_and_directions():
         "insertion": True, "deletion": False, "morf": True, "lerf": False,
         "positive_perturbation": False, "negative_perturbation": True,
         "pointing_game": True, "box_energy": True, "iou": True, "f1": True,
+        "token_deletion": False, "token_insertion": True, "road_morf": False, "road_lerf": True,
     }
     assert set(METRICS) == set(expected)
     for name, better in expected.items():

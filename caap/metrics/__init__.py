@@ -32,12 +32,21 @@ Faithfulness (needs the model)                         better   default substrat
     LeRF        AOPC, least relevant first              lower    zero / softmax prob
     PositivePerturbation  Chefer et al. 2021            lower    black / top-1 accuracy AUC
     NegativePerturbation  Chefer et al. 2021            higher   black / top-1 accuracy AUC
+    TokenDeletion   patch tokens dropped from the       lower    none (tokens leave the sequence) / prob
+                    sequence, most relevant first, AUC
+    TokenInsertion  patch tokens added to the prefix     higher   none / softmax prob
+                    tokens, most relevant first, AUC
+    ROADMoRF    ROAD (Rong et al. 2022), most relevant  lower    noisy linear imputation / softmax prob
+                pixels removed first, mean over 10-90%
+    ROADLeRF    ROAD, least relevant removed first      higher   noisy linear imputation / softmax prob
 Localisation (needs masks)
     PointingGame  max within 15 px of the boxes (Zhang et al. 2016)      higher
     BoxEnergy     share of positive mass in the boxes (Score-CAM 2020)   higher
     IoU, FMeasure thresholded map vs boxes (top-q%, q = box area)        higher
 
-Substrates, levels and scores: see `caap.metrics.faithfulness`; thresholds: `caap.metrics.localisation`.
+Substrates, levels and scores: see `caap.metrics.faithfulness`; token metrics: `caap.metrics.tokens`;
+ROAD: `caap.metrics.road`; thresholds: `caap.metrics.localisation`. Sanity check (not a metric of one map):
+`caap.metrics.sanity.cascading_randomisation`.
 """
 
 from __future__ import annotations
@@ -62,6 +71,8 @@ from caap.metrics.faithfulness import (
     unit_ranks,
 )
 from caap.metrics.localisation import BoxEnergy, FMeasure, IoU, PointingGame, max_points, threshold_maps
+from caap.metrics.road import ROADLeRF, ROADMetric, ROADMoRF, linear_imputation
+from caap.metrics.tokens import TokenDeletion, TokenInsertion, TokenPerturbationMetric
 
 #: every metric by name; calling an entry (with optional keyword settings) builds the metric
 METRICS: dict[str, Callable[..., Metric]] = {
@@ -73,6 +84,10 @@ METRICS: dict[str, Callable[..., Metric]] = {
         LeRF,
         PositivePerturbation,
         NegativePerturbation,
+        TokenDeletion,
+        TokenInsertion,
+        ROADMoRF,
+        ROADLeRF,
         PointingGame,
         BoxEnergy,
         IoU,
@@ -106,8 +121,15 @@ __all__ = [
     "PerturbationMetric",
     "PointingGame",
     "PositivePerturbation",
+    "ROADLeRF",
+    "ROADMetric",
+    "ROADMoRF",
+    "TokenDeletion",
+    "TokenInsertion",
+    "TokenPerturbationMetric",
     "auc",
     "get_metric",
+    "linear_imputation",
     "make_substrate",
     "max_points",
     "perturbation_scores",

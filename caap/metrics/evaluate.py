@@ -12,7 +12,11 @@ What is shared (the metrics' own calls share nothing):
   images: one pass over the union of their steps serves all of them (e.g. deletion and MoRF both
   delete the most relevant patches first into the zero substrate), and every score they need
   (probability, logit, top-1 accuracy) is read off the same logits.
-Localisation metrics need no forward pass; they get `masks`.
+- token deletion / insertion (`caap.metrics.tokens`) with the same (mode, order, interpolation, patch
+  size) run the same token sequences: one pass over the union of their steps; the every-patch-kept end
+  is the clean run, and the prefix-tokens-only end is run once per image, not per map.
+Localisation metrics need no forward pass; they get `masks`. Metrics with per-map fill-ins (ROAD) run
+their own passes and share only the targets.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import Tensor
 
 from caap.metrics.base import Metric, Model, as_map_batch, grid_for, resolve_patch_size
 from caap.metrics.faithfulness import PerturbationCurve, PerturbationMetric, perturbation_scores, unit_ranks
+from caap.metrics.tokens import TokenPerturbationMetric, cell_order, prefix_only_logits, token_scores
 from caap.targets import Target, class_score, resolve_targets
 
 
@@ -58,6 +63,7 @@ class Evaluator:
         self.clean = self._forward(pixels) if clean_logits is None else clean_logits.to(pixels.device)
         self.targets: Int[Tensor, " batch"] = resolve_targets(model, pixels, targets, logits=self.clean)
         self._substrates: dict[Any, tuple[Tensor, Tensor]] = {}
+        self._no_patches: Tensor | None = None  # logits of the prefix tokens alone (token metrics)
 
     @torch.inference_mode()
     def _forward(self, x: Tensor) -> Tensor:
@@ -86,6 +92,12 @@ class Evaluator:
         out: dict[str, Tensor] = {}
         for (mode, order, level, interpolation, key), members in groups.items():
             out.update(self._perturbation_group(maps, members, mode, order, level, interpolation, key))
+        token_groups: dict[Any, list[tuple[str, TokenPerturbationMetric]]] = {}
+        for name, m in metrics.items():
+            if isinstance(m, TokenPerturbationMetric):
+                token_groups.setdefault(m.group_key(), []).append((name, m))
+        for members in token_groups.values():
+            out.update(self._token_group(maps, members))
         for name, m in metrics.items():
             if name not in out:
                 out[name] = m(self.model, self.pixels, maps, self.targets, masks=self.masks).float().cpu()
@@ -127,3 +139,34 @@ class Evaluator:
             curve = PerturbationCurve(fractions.float().cpu(), scores[m.score][:, idx].float().cpu())
             out[name] = m.reduce(m.finish_curve(curve)).float()
         return out
+
+    def _token_group(self, maps: Tensor, members: list[tuple[str, TokenPerturbationMetric]]) -> dict[str, Tensor]:
+        """Token metrics that run the same sequences: one pass over the union of their steps; the clean
+        logits serve the every-patch-kept end, the prefix-only logits (once per image) the other."""
+        first = members[0][1]
+        patch = resolve_patch_size(self.model, first.patch_size)
+        grid = grid_for(self.size, patch)
+        n = grid[0] * grid[1]
+        perm = cell_order(maps, grid, self.size, first.order, first.interpolation)
+        steps = {name: m.steps(n) for name, m in members}
+        counts = sorted({int(c) for c, _ in steps.values() for c in c.tolist()})
+        kinds = tuple(sorted({m.score for _, m in members}))
+        empty = n if first.mode == "delete" else 0
+        known = {n - empty: self.clean}
+        if empty in counts:
+            if self._no_patches is None:
+                self._no_patches = prefix_only_logits(self.model, self.pixels, self.batch_size)
+                self.forwards += self.pixels.shape[0]
+            known[empty] = self._no_patches
+        scores = token_scores(self.model, self.pixels, perm, counts, self.targets, first.mode, kinds,
+                              self.batch_size, known, progress=False)
+        self.forwards += maps.shape[0] * len([c for c in counts if c not in known])
+        col = {c: j for j, c in enumerate(counts)}
+        out = {}
+        for name, m in members:
+            c, fractions = steps[name]
+            idx = torch.tensor([col[int(v)] for v in c.tolist()], device=self.pixels.device)
+            curve = PerturbationCurve(fractions.float().cpu(), scores[m.score][:, idx].float().cpu())
+            out[name] = m.reduce(curve).float()
+        return out
+
