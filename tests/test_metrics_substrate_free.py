@@ -255,3 +255,50 @@ def test_registry_and_tiny_hooked_vit():
     for name in ("road_morf", "road_lerf"):
         v = get_metric(name, fractions=(0.3, 0.6))(model, pixels, torch.rand(2, 4, 4))
         assert v.shape == (2,) and ((v >= 0) & (v <= 1)).all()
+
+
+# ---------------------------------------------------------------------------------------------- sanity
+class TokenOcclusion:
+    """A map that depends on every weight: the drop of the target logit when one patch token leaves."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def attribute(self, pixels, target=None):
+        b, n = pixels.shape[0], 16
+        with torch.no_grad():
+            full = self.model(pixels).gather(1, target.view(-1, 1))[:, 0]
+            drops = []
+            for j in range(n):
+                keep = torch.tensor([i for i in range(n) if i != j]).expand(b, n - 1)
+                drops.append(full - self.model.forward_patches(pixels, keep).gather(1, target.view(-1, 1))[:, 0])
+        return torch.stack(drops, 1).view(b, 4, 4)
+
+
+def test_cascading_randomisation_flags_a_model_free_map():
+    from caap.metrics.sanity import EdgeDetector, cascading_randomisation, randomisation_stages, spearman
+    from hooked_vit import HookedViT
+
+    torch.manual_seed(0)
+    model = HookedViT.from_timm("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=64).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    assert [s for s, _ in randomisation_stages(model)] == ["head", "blocks.1", "blocks.0", "embed"]
+    edge = cascading_randomisation(model, EdgeDetector, pixels, seed=0)
+    assert edge.stages == ["trained", "head", "blocks.1", "blocks.0", "embed"]
+    assert edge.maps.shape == (5, 3, 4, 4) and torch.allclose(edge.spearman, torch.ones(5, 3))
+    assert edge.flagged
+    occ = cascading_randomisation(model, TokenOcclusion, pixels, targets=[1, 2, 3], seed=0)
+    assert torch.allclose(occ.spearman[0], torch.ones(3))
+    assert occ.stage_means[1:].max() < 0.5 and not occ.flagged
+    assert occ.targets.tolist() == [1, 2, 3]
+    # seeded, a subset of stages, and the user's model untouched
+    again = cascading_randomisation(model, TokenOcclusion, pixels, targets=[1, 2, 3], seed=0, stages=["blocks.1"])
+    assert again.stages == ["trained", "blocks.1"] and torch.allclose(again.maps[1], occ.maps[2])
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="accepted: head, blocks.1, blocks.0, embed"):
+        cascading_randomisation(model, EdgeDetector, pixels, stages=["blocks.7"])
+    # Spearman: rank-based, ties averaged, NaN for a constant map
+    a = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0]])
+    r = spearman(a, torch.tensor([[10.0, 20.0, 30.0, 400.0], [1.0, 2.0, 3.0, 4.0]]))
+    assert r[0].item() == pytest.approx(1.0) and math.isnan(r[1].item())
