@@ -3,10 +3,12 @@
     caap explain [IMAGE ...] [--model NAME] [--checkpoint PATH] [--layers S:E] [--context NAME]
                  [--target CLASS] [--out DIR] [--force]
     caap sweep [IMAGE] [--component resid_pre] [--target CLASS] [--context NAME] [--out DIR] [--force]
+    caap explain-dataset SOURCE [--out DIR] [--split S] [--limit N] [--ray [--workers N] [--ray-address A]]
 
 `explain` writes, per image: a PNG overlay, an interactive HTML view, the raw map (.npy) and a JSON
 summary (top classes with names, settings, seconds taken). With no image it explains scikit-image's
-`chelsea` photo. `sweep` writes a layer x patch grid (HTML, PNG, .npy, JSON).
+`chelsea` photo. `sweep` writes a layer x patch grid (HTML, PNG, .npy, JSON). `explain-dataset` writes
+Parquet shards, one row per image, and resumes where a killed run stopped (`caap.dataset`).
 
 Weights: `--checkpoint PATH`, else `$CAAP_CHECKPOINT_DIR/<model>.pth`, else the shared models folder,
 else the hub (see `caap.models`).
@@ -245,7 +247,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from caap.data import class_name
     from caap.files import atomic_paths
     from caap.models import load_model
-    from caap.patching import logit_metric, sweep
+    from caap.patching import logit_score, sweep
     from caap.plots import layer_patch_figure, save_heatmap_png, save_html
 
     model = load_model(args.model, args.checkpoint)
@@ -257,7 +259,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     prefix = model.cfg.n_prefix_tokens
     positions = list(range(prefix, model.cfg.n_ctx)) if tuple(pixels.shape[-2:]) == tuple(model.cfg.img_size) else None
-    result = sweep(model, pixels, context, logit_metric(torch.tensor([cls])), component=args.component,
+    result = sweep(model, pixels, context, logit_score(torch.tensor([cls])), component=args.component,
                    positions=positions, batch_size=args.batch_size)
     seconds = time.perf_counter() - t0
     values = result.to_grid(model).values[0].float().cpu()  # [layer, grid_h, grid_w]
@@ -265,7 +267,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     summary = {"image": image.image if isinstance(image.image, str) else image.stem, "model": args.model,
                "component": args.component, "context": args.context,
                "target": {"class": cls, "name": class_name(cls)}, "dims": ["layer", "grid_h", "grid_w"],
-               "context_score": float(result.target_score[0]), "source_score": float(result.source_score[0]),
+               "context_score": float(result.context_score[0]), "source_score": float(result.source_score[0]),
                "seconds": round(seconds, 3)}
     out.mkdir(parents=True, exist_ok=True)
     with atomic_paths(files) as (npy, html, png, js):
@@ -278,7 +280,56 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     print(f"{image.stem}: {args.component} sweep -> {files[1]} [{seconds:.1f} s]")
 
 
+def cmd_explain_dataset(args: argparse.Namespace) -> None:
+    from caap.dataset import DatasetSettings, check_ray_address, explain_dataset, list_items
+
+    if not os.path.exists(args.source):
+        raise CLIError(f"no such folder or file: {args.source}")
+    output_folder(args.out)
+    check_context(args.context)
+    cfg, _ = architecture(args.model, args.checkpoint)
+    layers = parse_layers(args.layers, cfg.n_layers)
+    target = args.target
+    if target not in ("auto", "label", "predicted"):
+        target = str(parse_target(target, cfg.n_classes))
+    if args.ray or args.ray_address:
+        from caap.dataset import _import_ray
+
+        try:
+            _import_ray()
+        except RuntimeError as e:
+            raise CLIError(str(e)) from None
+        if args.ray_address:
+            try:
+                check_ray_address(args.ray_address)
+            except ValueError as e:
+                raise CLIError(str(e)) from None
+    try:
+        list_items(args.source, split=args.split, limit=args.limit)  # a bad source or split fails here, at once
+        settings = DatasetSettings(model=args.model, checkpoint=args.checkpoint, layers=layers, context=args.context,
+                                   score=args.score, target=target, dtype=args.dtype, device=args.device)
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from None
+    summary = explain_dataset(args.source, args.out, settings, split=args.split, limit=args.limit,
+                              shard_size=args.shard_size, ray=bool(args.ray or args.ray_address),
+                              ray_address=args.ray_address, workers=args.workers)
+    rate = f", {summary['images_per_second']} images/s" if summary["images_per_second"] else ""
+    print(f"{summary['explained']} explained, {summary['failed']} failed, {summary['already_done']} already done "
+          f"({summary['non_image_files']} non-image files skipped){rate} -> {summary['folder']}")
+
+
 SWEEP_COMPONENTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse turns the error into one line and exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -288,15 +339,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="caap", description="CAAP attribution and activation patching for ViTs")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def positive(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-        return value
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name (default {DEFAULT_MODEL})")
@@ -308,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--target", help="class index or ImageNet class name (default: the predicted class)")
         p.add_argument("--out", default="caap_out", help="output folder (default ./caap_out)")
         p.add_argument("--force", action="store_true", help="overwrite outputs of an earlier run")
-        p.add_argument("--batch-size", type=positive, default=None,
+        p.add_argument("--batch-size", type=positive_int, default=None,
                        help="patched runs per forward pass (default: 64 on a GPU, about 1600 tokens on a CPU)")
 
     e = sub.add_parser("explain", help="CAAP maps for images (default: scikit-image's chelsea)")
@@ -318,6 +360,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="logit_diff (default): target logit minus the unpatched context's")
     common(e)
     e.set_defaults(func=cmd_explain)
+
+    d = sub.add_parser("explain-dataset", help="CAAP maps for a whole folder / manifest / list -> Parquet shards "
+                                               "(resumable; --ray for Ray Data)")
+    d.add_argument("source", help="a folder of images, a manifest folder (manifest.csv) or its CSV, or a list "
+                                  "file (.txt, one path per line)")
+    d.add_argument("--out", default="caap_dataset", help="output folder (default ./caap_dataset); one subfolder "
+                                                         "per settings hash")
+    d.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name (default {DEFAULT_MODEL})")
+    d.add_argument("--checkpoint", help="local timm state dict (default: as for explain)")
+    d.add_argument("--layers", help="START:END, inclusive block indices (default: the measured default)")
+    d.add_argument("--context", default=DEFAULT_CONTEXT, help=f"neutral context (default {DEFAULT_CONTEXT})")
+    d.add_argument("--score", default="logit_diff", choices=["logit_diff", "logit", "prob"])
+    d.add_argument("--target", default="auto", help="auto (default: the manifest's class where there is one, else "
+                                                    "the predicted class), label, predicted, or a class index / name")
+    d.add_argument("--split", help="a split of the manifest (e.g. heldout)")
+    d.add_argument("--limit", type=positive_int, help="only the first N images")
+    d.add_argument("--shard-size", type=positive_int, default=32, help="images per Parquet shard (default 32)")
+    d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    d.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    d.add_argument("--ray", action="store_true", help="run on Ray Data (local Ray unless --ray-address)")
+    d.add_argument("--ray-address", help="an existing Ray cluster, HOST:PORT or ray://HOST:PORT (implies --ray)")
+    d.add_argument("--workers", type=positive_int, default=1, help="Ray actors, each loading the model once (default 1; "
+                                                                "on GPUs one actor per GPU)")
+    d.set_defaults(func=cmd_explain_dataset)
 
     s = sub.add_parser("sweep", help="layer x patch grid: each (layer, patch) patched alone")
     s.add_argument("image", nargs="?", help="image file (default: chelsea)")

@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from caap.files import atomic_path
 from caap.patching.engine import Context, InputContext, ResidContext
-from hooked_vit import HookedViT
+from hooked_vit import HookedViT, act_name
+from hooked_vit.preprocess import gaussian_blur, normalize
 
 CONTEXT_NAMES = ("mean", "grey", "black", "blur", "noise", "zero")
 
@@ -51,18 +51,11 @@ class NeutralContext(ABC):
     name: str = "context"
 
     @abstractmethod
-    def bind(self, model: HookedViT, pixels: Float[Tensor, "batch 3 height width"]) -> Context:
+    def bind(self, model: HookedViT, pixels: Float[Tensor, "batch chan H W"]) -> Context:
         """The engine's context for these source images."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
-
-
-def _raw_to_pixels(raw: Tensor, model: HookedViT) -> Tensor:
-    """An image in [0, 1] RGB -> the model's normalised pixel space."""
-    mean = torch.tensor(model.data_config["mean"], device=raw.device).view(1, -1, 1, 1)
-    std = torch.tensor(model.data_config["std"], device=raw.device).view(1, -1, 1, 1)
-    return (raw - mean) / std
 
 
 class ImageContext(NeutralContext):
@@ -70,7 +63,7 @@ class ImageContext(NeutralContext):
     `raw(size) -> [1, 3, H, W]` in [0, 1] RGB for any image size (grey, black, noise)."""
 
     def __init__(
-        self, pixels: Float[Tensor, "1 3 height width"] | None = None, name: str = "image",
+        self, pixels: Float[Tensor, "1 chan H W"] | None = None, name: str = "image",
         raw: Callable[[tuple[int, int]], Tensor] | None = None,
     ) -> None:
         if (pixels is None) == (raw is None):
@@ -80,13 +73,13 @@ class ImageContext(NeutralContext):
     def bind(self, model: HookedViT, pixels: Tensor) -> Context:
         return InputContext(model, self.image(model, tuple(pixels.shape[-2:]), pixels))
 
-    def image(self, model: HookedViT, size: tuple[int, int], like: Tensor) -> Float[Tensor, "1 3 height width"]:
+    def image(self, model: HookedViT, size: tuple[int, int], like: Tensor) -> Float[Tensor, "1 chan H W"]:
         """The context image in the model's pixel space, at `size`, on `like`'s device and dtype."""
         if self.pixels is not None:
             if tuple(self.pixels.shape[-2:]) != size:
                 raise ValueError(f"context image is {tuple(self.pixels.shape[-2:])}, sources are {size}")
             return self.pixels.to(like.device, like.dtype)
-        return _raw_to_pixels(self._raw(size).to(like.device), model).to(like.dtype)
+        return normalize(self._raw(size).to(like.device), model.data_config).to(like.dtype)
 
 
 def grey_context() -> ImageContext:
@@ -119,19 +112,6 @@ class BlurContext(NeutralContext):
     @torch.inference_mode()
     def bind(self, model: HookedViT, pixels: Tensor) -> Context:
         return InputContext(model, gaussian_blur(pixels, self.sigma))
-
-
-def gaussian_blur(pixels: Float[Tensor, "b c H W"], sigma: float) -> Float[Tensor, "b c H W"]:
-    """Separable Gaussian blur with reflect padding (kernel radius 3 sigma)."""
-    radius = max(1, int(3 * sigma))
-    radius = min(radius, min(pixels.shape[-2:]) - 1)
-    x = torch.arange(-radius, radius + 1, device=pixels.device, dtype=pixels.dtype)
-    k = torch.exp(-(x**2) / (2 * sigma**2))
-    k = k / k.sum()
-    c = pixels.shape[1]
-    out = F.pad(pixels, (radius, radius, radius, radius), mode="reflect")
-    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 class ZeroContext(NeutralContext):
@@ -167,8 +147,8 @@ class MeanContext(NeutralContext):
             raise ValueError("the reference set for a mean context is empty")
         total = None
         last = model.cfg.n_layers - 1
-        names = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)]
-        names.append(f"blocks.{last}.hook_resid_post")
+        names = [act_name("resid_pre", layer) for layer in range(model.cfg.n_layers)]
+        names.append(act_name("resid_post", last))
         for i in tqdm(range(0, n, batch_size), desc="mean context", disable=not progress, leave=False):
             chunk = images[i : i + batch_size]
             pixels = chunk.to(model.device) if isinstance(chunk, Tensor) else model.preprocess(list(chunk))

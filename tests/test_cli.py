@@ -129,7 +129,7 @@ def test_same_stem_in_two_folders_gets_two_outputs(checkpoint, tmp_path, capsys,
     out = tmp_path / "out"
     argv = ["explain", *map(str, paths), "--model", NAME, "--checkpoint", str(checkpoint), "--layers", "1:1",
             "--context", "zero", "--out", str(out)]
-    code, stdout, err = _run(argv, capsys)
+    code, _, err = _run(argv, capsys)
     assert code == 0, err
     first, second = (json.loads((out / f"{stem}_caap.json").read_text()) for stem in ("a_x", "b_x"))
     assert first["image"] == str(paths[0]) and second["image"] == str(paths[1])
@@ -147,7 +147,8 @@ def test_a_crash_while_writing_leaves_no_partial_outputs(checkpoint, image, tmp_
     monkeypatch.setattr(timm, "create_model", _with_depth(timm.create_model, 2))
 
     def crash(fig, path):
-        open(path, "w").write("<html>trunc")  # half a file, then the process dies (disk full, Ctrl-C, ...)
+        with open(path, "w") as f:
+            f.write("<html>trunc")  # half a file, then the process dies (disk full, Ctrl-C, ...)
         raise KeyboardInterrupt
 
     monkeypatch.setattr("caap.plots.save_html", crash)

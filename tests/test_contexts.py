@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from caap.contexts import CONTEXT_NAMES, BlurContext, MeanContext, gaussian_blur, get_context
+from caap.contexts import CONTEXT_NAMES, BlurContext, MeanContext, get_context
 from hooked_vit import HookedViT, HookedViTConfig
+from hooked_vit.preprocess import gaussian_blur
 
 
 @pytest.fixture(scope="module")

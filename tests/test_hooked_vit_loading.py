@@ -147,7 +147,8 @@ def test_a_hub_that_never_answers_gives_up_after_the_timeout(tmp_path):
     import sys
 
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
-    proc = subprocess.run([sys.executable, "-c", _HANGING_HUB], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", _HANGING_HUB], env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
     seconds, _, message = proc.stdout.strip().partition(" ")
     assert "did not answer within 1 s" in message and "checkpoint_path=" in message, proc.stdout + proc.stderr
     assert float(seconds) < 10

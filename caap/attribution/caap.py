@@ -27,7 +27,7 @@ from torch import Tensor
 from caap.attribution.base import AttributionMethod
 from caap.contexts import NeutralContext, get_context
 from caap.patching.engine import Intervention, Write, run_interventions, unpatched_scores
-from caap.targets import Score, check_score, class_score, resolve_targets
+from caap.targets import Score, Target, check_score, class_score, resolve_targets
 from hooked_vit import HookedViT, act_name
 from hooked_vit.preprocess import check_pixels
 
@@ -127,6 +127,16 @@ class CAAP(AttributionMethod):
             raise ValueError(f"classes must be [batch={pixels.shape[0]}, k] class indices, got shape {tuple(c.shape)}")
         k = [resolve_targets(self.model, pixels, c[:, j]) for j in range(c.shape[1])]
         return self._maps(pixels, torch.stack(k, 1))
+
+    @torch.inference_mode()
+    def context_scores(self, pixels: Float[Tensor, "batch chan H W"], target: Target = None) -> Float[Tensor, " batch"]:
+        """The target-class logit of each image's unpatched context run (from block `start`, nothing
+        patched): what `score="logit_diff"` subtracts, and how much evidence the context alone carries."""
+        check_pixels(pixels)
+        k = resolve_targets(self.model, pixels, target).view(-1, 1)
+        context = self.context.bind(self.model, pixels)
+        return unpatched_scores(self.model, context, lambda logits, pair: class_score(logits, k[pair]),
+                                pixels.shape[0], self.layers[0])[:, 0]
 
     @torch.inference_mode()
     def _attribute(self, pixels: Tensor, targets: Int[Tensor, " batch"]) -> Float[Tensor, "batch grid_h grid_w"]:

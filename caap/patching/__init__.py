@@ -13,7 +13,7 @@ from caap.patching.engine import (
     run_interventions,
 )
 from caap.patching.path import path_patch
-from caap.patching.scores import logit_diff_score, logit_metric, logit_score, prob_score  # noqa: F401 (logit_metric: TEMPORARY, for caap/cli.py)
+from caap.patching.scores import logit_diff_score, logit_score, prob_score
 from caap.patching.sweeps import COMPONENTS, SweepResult, sweep
 
 __all__ = [

@@ -21,6 +21,7 @@ attention/MLP outputs and MLP neurons; [batch, pos, head, d] for q, k, v, z and 
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -32,6 +33,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from hooked_vit.names import act_name
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 """score_fn(output, pair) -> score per row: `output` is the model's output for a batch of rows
@@ -48,13 +51,12 @@ class HookedModel(Protocol):
     """What the engine needs of a model: what TransformerLens' `HookedRootModule` models share
     (`HookedViT`, `transformer_lens.HookedTransformer`; TransformerLens 4's `TransformerBridge` has the
     same): `cfg.n_layers`, the hook points by name (`hook_dict`), `run_with_cache(x, names_filter=...)`,
-    `hooks()` (a context that removes what `add_hook(name, fn, level=context_level)` adds inside it),
+    `hooks(fwd_hooks=[(name, fn)])` (a context that adds hooks and removes them on exit),
     `forward(x, start_at_layer=..., stop_at_layer=...)` (a run from a given block's residual stream), and
     `parameters()` (for the device). Sweeps over pixels also use a ViT's `grid_size_for` / `to_grid`."""
 
     cfg: HookedModelConfig
     hook_dict: dict[str, Any]
-    context_level: int
 
     def __call__(self, input: Tensor, start_at_layer: int | None = ..., stop_at_layer: int | None = ...) -> Tensor: ...
 
@@ -63,8 +65,6 @@ class HookedModel(Protocol):
     def run_with_cache(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Any]: ...
 
     def hooks(self, *args: Any, **kwargs: Any) -> AbstractContextManager[Any]: ...
-
-    def add_hook(self, name: Any, hook: Callable, *args: Any, **kwargs: Any) -> None: ...
 
     def parameters(self) -> Iterator[torch.nn.Parameter]: ...
 
@@ -151,7 +151,7 @@ class InputContext:
     @torch.inference_mode()
     def resid_pre(self, layer: int) -> Tensor:
         if not self._resid:
-            names = [f"blocks.{i}.hook_resid_pre" for i in range(self.model.cfg.n_layers)]
+            names = [act_name("resid_pre", i) for i in range(self.model.cfg.n_layers)]
             _, cache = self.model.run_with_cache(self.inputs, names_filter=names)
             self._resid = {i: cache[name] for i, name in enumerate(names)}
         return self._resid[layer]
@@ -310,15 +310,18 @@ def batched_runs(
 
         return hook
 
-    with torch.inference_mode(), model.hooks():  # the context removes what is added below, even on error
-        level, registered = model.context_level, set()
+    # each dispatcher enters its own `hooks(fwd_hooks=...)` context: the one way to add and remove hooks
+    # that HookedRootModule (HookedViT, HookedTransformer) and TransformerLens 4's TransformerBridge share
+    # (the bridge's `add_hook` takes no level, and its bare `hooks()` removes only what it added itself)
+    with torch.inference_mode(), contextlib.ExitStack() as stack:  # removes them in reverse, even on error
+        registered: set[str] = set()
         for i in bar:
             r0, r1 = bounds[i], bounds[i + 1]
             x = make_input(r0, r1)
             current.clear()
             for name, fn in make_hooks(r0, r1):
                 if name not in registered:
-                    model.add_hook(name, dispatch(name), level=level)
+                    stack.enter_context(model.hooks(fwd_hooks=[(name, dispatch(name))]))
                     registered.add(name)
                 current.setdefault(name, []).append(fn)
             out = model(x, start_at_layer=start_layer, **kwargs) if start_layer is not None else model(x, **kwargs)

@@ -54,7 +54,3 @@ def logit_diff_score(
         return class_score(logits, _per_pair(correct, pair)) - class_score(logits, _per_pair(incorrect, pair))
 
     return score_fn
-
-
-# TEMPORARY, for caap/cli.py until it imports logit_score (then delete these two lines)
-logit_metric = logit_score

@@ -51,10 +51,6 @@ class SweepResult:
         if self.values.ndim != len(self.dims):
             raise ValueError(f"values has {self.values.ndim} axes but dims names {len(self.dims)}: {self.dims}")
 
-    @property
-    def target_score(self) -> Tensor | None:  # TEMPORARY, for caap/cli.py until it reads context_score
-        return self.context_score
-
     def axis(self, name: str) -> int:
         if name not in self.dims:
             raise KeyError(f"no axis {name!r}; axes are {self.dims}")

@@ -1,0 +1,463 @@
+"""Explain a whole dataset: a CAAP map for every image of a folder, a manifest or a list file, written as
+Parquet shards that pandas and pyarrow read directly; resumable; in one process, or on Ray Data.
+
+    from caap.dataset import explain_dataset, read_results
+    summary = explain_dataset("photos/", "maps/")              # one process
+    summary = explain_dataset("photos/", "maps/", ray=True, workers=2)   # Ray Data, two actors
+    table = read_results("maps/")                              # a pandas DataFrame, one row per image
+
+Layout of the output folder: one subfolder per settings hash, `<out>/settings-<hash>/`, holding
+`settings.json` and shards `part-<n>-<id>.parquet`. Runs with other settings (another model, layer
+range, context, ...) go to another subfolder, so results of different settings never mix. A shard is
+written to a temporary name and renamed into place (`caap.files`), so it is complete or absent.
+
+One row per image: `image_id` (the path relative to the input, unique), `path`, `status` ("ok" or
+"failed"), `error` (why it failed), `label` (the manifest's class, or null), `predicted`, `target` (the
+class explained), `context_score` (the target logit of the unpatched context run: what the default
+score `logit_diff` subtracts), `map` (a fixed-size list of grid_h * grid_w float32 values, row-major
+patches), `grid_h`, `grid_w`, `seconds`, `settings_hash`, `settings` (JSON).
+
+Resuming: a run with the same settings first reads the shards already there and skips every image with
+a row (ok or failed; `retry_failed=True` explains the failed ones again, and `read_results` keeps one row
+per image, an ok row before a failed one). A run killed half-way therefore loses at most the images of
+the shard in progress. Images are explained one at a time in both paths (a CAAP call per image), so the
+Ray path gives the same maps as the local one (tests/test_dataset.py compares them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+import uuid
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "DatasetSettings",
+    "Item",
+    "ShardStore",
+    "explain_dataset",
+    "list_items",
+    "read_results",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+"""Files of a plain folder that count as images (others are skipped and counted, not failed)."""
+
+TARGET_MODES = ("auto", "label", "predicted")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to explain: a unique id (its path relative to the input), its path, and its class in the
+    manifest, if any."""
+
+    image_id: str
+    path: str
+    label: int | None = None
+
+
+def list_items(source: str | os.PathLike, split: str | None = None, limit: int | None = None) -> tuple[list[Item], int]:
+    """The images of `source` and the number of files skipped as non-images.
+
+    `source` is a manifest folder (holding `manifest.csv`, the `../shared/data` format) or that CSV file;
+    a plain folder (every file with an image extension, recursively, sorted); or a list file (`.txt`,
+    one path per line, relative to the list's folder; `#` starts a comment). `split` selects a
+    manifest's split; `limit` keeps the first images."""
+    from caap.data import load_manifest
+
+    path = Path(source)
+    skipped = 0
+    if path.is_file() and path.suffix.lower() == ".csv":
+        path = path.parent if path.name == "manifest.csv" else path
+    if path.is_dir() and (path / "manifest.csv").is_file():
+        samples = load_manifest(path, split=split, limit=limit)
+        items = [Item(str(s.path.relative_to(path)), str(s.path), s.class_index) for s in samples]
+    elif split is not None:
+        raise ValueError(f"--split needs a manifest folder (with manifest.csv); {source} has none")
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+        skipped = len(files) - len(images)
+        items = [Item(str(p.relative_to(path)), str(p)) for p in images]
+    elif path.is_file():
+        lines = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+        items = []
+        for line in filter(None, lines):
+            p = Path(line) if Path(line).is_absolute() else path.parent / line
+            items.append(Item(line, str(p)))
+    else:
+        raise FileNotFoundError(f"no such folder or file: {source}; give a folder of images, a manifest folder or "
+                                f"its manifest.csv, or a list file (.txt, one path per line)")
+    ids = [i.image_id for i in items]
+    if len(set(ids)) < len(ids):
+        twice = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"image {twice!r} is listed twice in {source}; each image once")
+    if not items:
+        raise ValueError(f"{source} holds no images (extensions accepted: {', '.join(IMAGE_EXTENSIONS)})")
+    return (items[:limit] if limit is not None else items), skipped
+
+
+@dataclass(frozen=True)
+class DatasetSettings:
+    """Everything that changes a map: the settings hash is computed from these (and the weights' digest)."""
+
+    model: str
+    checkpoint: str | None = None
+    layers: tuple[int, int] | None = None
+    context: str = "blur"
+    component: str = "resid_pre"
+    score: str = "logit_diff"
+    target: str = "auto"
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGET_MODES and not self.target.isdigit():
+            raise ValueError(f"target must be one of {', '.join(TARGET_MODES)} or a class index, got {self.target!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+    def resolved(self) -> dict[str, Any]:
+        """The settings as stored with every row: the checkpoint replaced by a digest of its bytes, the
+        default layer range made explicit (two runs that mean the same thing get one hash)."""
+        from caap.attribution.caap import default_layers
+        from caap.models import find_checkpoint, model_config
+
+        cfg, _ = model_config(self.model)
+        path = find_checkpoint(self.model, self.checkpoint)
+        weights = f"sha256:{_file_digest(path)}" if path is not None else f"hub:{self.model}"
+        layers = list(self.layers) if self.layers is not None else list(default_layers(cfg.n_layers))
+        out = {**asdict(self), "checkpoint": weights, "layers": layers}
+        out.pop("device")  # where it runs does not change the map (up to float rounding)
+        return out
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ------------------------------------------------------------------------------------------------- shards
+class ShardStore:
+    """The shards of one settings hash under `out`: what is done, and atomic writes of new shards."""
+
+    def __init__(self, out: str | os.PathLike, settings: dict[str, Any]) -> None:
+        from caap.files import atomic_path
+
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"output {out} is a file; it must be a folder (created if missing)")
+        self.settings, self.hash = settings, settings_hash(settings)
+        self.folder = out / f"settings-{self.hash}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta = self.folder / "settings.json"
+        if meta.is_file():
+            try:
+                stored = json.loads(meta.read_text())
+            except (OSError, json.JSONDecodeError):
+                stored = None
+            if stored is not None and stored != settings:
+                raise ValueError(f"{meta} holds other settings than this run's under the same hash; remove the folder")
+        if not meta.is_file() or stored is None:
+            with atomic_path(meta) as tmp:
+                tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
+
+    def shards(self) -> list[Path]:
+        return sorted(self.folder.glob("part-*.parquet"))
+
+    def done(self, retry_failed: bool = False) -> set[str]:
+        """Image ids with a row already (ok rows only, if `retry_failed`). A shard that cannot be read
+        (it cannot be half-written, but a disk can fail) is renamed `*.unreadable` with a warning, and
+        its images are explained again."""
+        import pyarrow.parquet as pq
+
+        done: set[str] = set()
+        for shard in self.shards():
+            try:
+                table = pq.read_table(shard, columns=["image_id", "status"])
+            except Exception as e:
+                warnings.warn(f"{shard} cannot be read ({type(e).__name__}: {e}); its images are explained again",
+                              stacklevel=2)
+                shard.rename(shard.with_suffix(".unreadable"))
+                continue
+            for image_id, status in zip(table["image_id"].to_pylist(), table["status"].to_pylist()):
+                if status == "ok" or not retry_failed:
+                    done.add(image_id)
+        return done
+
+    def write(self, rows: list[dict[str, Any]]) -> Path | None:
+        """One new shard with `rows` (atomic)."""
+        if not rows:
+            return None
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from caap.files import atomic_path
+
+        sizes = {len(r["map"]) for r in rows if r["map"] is not None}
+        if len(sizes) > 1:
+            raise ValueError(f"maps of several sizes in one run ({sorted(sizes)}); a dataset run needs one image size")
+        n = sizes.pop() if sizes else 0
+        schema = pa.schema([
+            ("image_id", pa.string()), ("path", pa.string()), ("status", pa.string()), ("error", pa.string()),
+            ("label", pa.int32()), ("predicted", pa.int32()), ("target", pa.int32()),
+            ("context_score", pa.float32()), ("map", pa.list_(pa.float32(), n) if n else pa.list_(pa.float32())),
+            ("grid_h", pa.int16()), ("grid_w", pa.int16()), ("seconds", pa.float32()),
+            ("settings_hash", pa.string()), ("settings", pa.string()),
+        ], metadata={"caap_settings": json.dumps(self.settings, sort_keys=True)})
+        settings = json.dumps(self.settings, sort_keys=True)
+        table = pa.Table.from_pylist([{**r, "settings_hash": self.hash, "settings": settings} for r in rows], schema)
+        path = self.folder / f"part-{len(self.shards()):05d}-{uuid.uuid4().hex[:8]}.parquet"
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
+        return path
+
+
+def read_results(out: str | os.PathLike, settings_hash: str | None = None):
+    """The rows of a dataset run as a pandas DataFrame, one per image (an ok row wins over a failed one of
+    the same image). `out` is the run's output folder or one of its `settings-<hash>` subfolders; with
+    several settings in `out`, pass `settings_hash`."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    folders = [out] if out.name.startswith("settings-") else sorted(out.glob("settings-*"))
+    if settings_hash is not None:
+        folders = [f for f in folders if f.name == f"settings-{settings_hash}"]
+    if len(folders) != 1:
+        found = ", ".join(f.name.removeprefix("settings-") for f in folders) or "none"
+        raise ValueError(f"{out} holds results of {len(folders)} settings ({found}); pass settings_hash=")
+    shards = sorted(folders[0].glob("part-*.parquet"))
+    if not shards:
+        raise FileNotFoundError(f"no shards in {folders[0]}")
+    frame = pd.concat([pq.read_table(s).to_pandas() for s in shards], ignore_index=True)
+    frame = frame.sort_values("status", key=lambda s: s.ne("ok"), kind="stable")
+    return frame.drop_duplicates("image_id", keep="first").sort_values("image_id").reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------------ explaining
+class Explainer:
+    """Loads the model once and explains one image at a time (the unit of work of both paths)."""
+
+    def __init__(self, settings: DatasetSettings, num_threads: int | None = None) -> None:
+        import torch
+
+        from caap import CAAP
+        from caap.cpu import keep_freed_memory
+        from caap.models import load_model
+
+        keep_freed_memory()
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        dtype = getattr(torch, settings.dtype)
+        self.model = load_model(settings.model, settings.checkpoint, device=settings.device).to(dtype)
+        self.method = CAAP(self.model, layers=settings.layers, context=settings.context,
+                           component=settings.component, score=settings.score)
+        self.target = settings.target
+
+    def __call__(self, item: Item, pixels: Any) -> dict[str, Any]:
+        import torch
+
+        t0 = time.perf_counter()
+        x = torch.as_tensor(pixels)[None].to(self.model.device, next(self.model.parameters()).dtype)
+        with torch.inference_mode():
+            predicted = int(self.model(x)[0].argmax())
+        if self.target.isdigit():
+            target = int(self.target)
+        elif self.target == "label" or (self.target == "auto" and item.label is not None):
+            if item.label is None:
+                raise ValueError("target 'label' needs a class for every image (a manifest); this image has none")
+            target = item.label
+        else:
+            target = predicted
+        amap = self.method.attribute(x, target=target)[0].float().cpu()
+        context_score = float(self.method.context_scores(x, target=target)[0])
+        return {
+            **_row_base(item), "status": "ok", "error": None, "predicted": predicted, "target": target,
+            "context_score": context_score, "map": amap.flatten().tolist(), "grid_h": amap.shape[0],
+            "grid_w": amap.shape[1], "seconds": time.perf_counter() - t0,
+        }
+
+
+def _row_base(item: Item) -> dict[str, Any]:
+    return {"image_id": item.image_id, "path": item.path, "label": item.label}
+
+
+def failed_row(item: Item, error: BaseException | str) -> dict[str, Any]:
+    reason = error if isinstance(error, str) else f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return {**_row_base(item), "status": "failed", "error": reason, "predicted": None, "target": None,
+            "context_score": None, "map": None, "grid_h": None, "grid_w": None, "seconds": None}
+
+
+def _read(item: Item, data_config: dict[str, Any]) -> Any:
+    from hooked_vit.preprocess import preprocess
+
+    return preprocess(item.path, data_config)[0].numpy()
+
+
+def _explain_local(items: list[Item], settings: DatasetSettings, data_config: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    explainer = Explainer(settings)
+    for item in items:
+        try:
+            pixels = _read(item, data_config)
+        except (OSError, ValueError, TypeError) as e:
+            yield failed_row(item, e)
+            continue
+        try:
+            yield explainer(item, pixels)
+        except (ValueError, RuntimeError) as e:  # e.g. an image size this model does not take
+            yield failed_row(item, e)
+
+
+# ------------------------------------------------------------------------------------------------- Ray
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Fail fast, in one line, when a cluster address does not answer (ray.init would wait far longer)."""
+    if address in ("auto", "local"):
+        return
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--ray-address must look like HOST:PORT or ray://HOST:PORT (or 'auto'), got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise RuntimeError(f"the Ray cluster at {address} does not answer ({e}); check the address, or drop "
+                           f"--ray-address to start Ray on this machine") from None
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data
+    except ImportError as e:
+        raise RuntimeError(f"--ray needs Ray Data ({e}); install the extra: pip install -e \".[distributed]\"") from None
+    return ray
+
+
+class _RayExplainer:
+    """A Ray Data actor: the model is loaded once per actor."""
+
+    def __init__(self, settings: DatasetSettings, num_threads: int) -> None:
+        self.explainer = Explainer(settings, num_threads=num_threads)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        rows = []
+        for i in range(len(batch["image_id"])):
+            item = Item(str(batch["image_id"][i]), str(batch["path"][i]),
+                        None if batch["label"][i] is None or batch["label"][i] < 0 else int(batch["label"][i]))
+            if batch["error"][i]:
+                rows.append(failed_row(item, str(batch["error"][i])))
+                continue
+            try:
+                rows.append(self.explainer(item, batch["pixels"][i]))
+            except (ValueError, RuntimeError) as e:
+                rows.append(failed_row(item, e))
+        return {"row": [json.dumps(r) for r in rows]}
+
+
+def _ray_read(row: dict[str, Any], data_config: dict[str, Any]) -> dict[str, Any]:
+    item = Item(row["image_id"], row["path"], None if row["label"] < 0 else row["label"])
+    try:
+        return {**row, "pixels": _read(item, data_config), "error": ""}
+    except (OSError, ValueError, TypeError) as e:
+        return {**row, "pixels": None, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+
+
+def _explain_ray(
+    items: list[Item], settings: DatasetSettings, data_config: dict[str, Any], workers: int, address: str | None,
+) -> Iterator[dict[str, Any]]:
+    ray = _import_ray()
+    import torch
+
+    if address:
+        check_ray_address(address)
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+        ray.init(address=address, **kwargs) if address else ray.init(num_cpus=os.cpu_count(), **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True
+    gpus = 1 if settings.device.startswith("cuda") and torch.cuda.is_available() else 0
+    cpus = 1 if gpus else max(1, int(ray.available_resources().get("CPU", os.cpu_count() or 1)) // workers)
+    records = [{"image_id": i.image_id, "path": i.path, "label": -1 if i.label is None else i.label} for i in items]
+    ds = ray.data.from_items(records, override_num_blocks=max(1, min(len(records), 4 * workers)))
+    # reading and preprocessing is light: it takes no CPU slot, so it never waits behind the actors that hold them
+    ds = ds.map(_ray_read, fn_kwargs={"data_config": data_config}, num_cpus=0)
+    ds = ds.map_batches(_RayExplainer, fn_constructor_kwargs={"settings": settings, "num_threads": cpus},
+                        batch_size=1, concurrency=workers, num_cpus=cpus, num_gpus=gpus)
+    for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
+        for row in batch["row"]:
+            yield json.loads(row)
+
+
+# ------------------------------------------------------------------------------------------------- driver
+def explain_dataset(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    settings: DatasetSettings,
+    split: str | None = None,
+    limit: int | None = None,
+    shard_size: int = 32,
+    ray: bool = False,
+    ray_address: str | None = None,
+    workers: int = 1,
+    retry_failed: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Explain every image of `source` not yet in `out` (see the module docstring); returns a summary:
+    the settings folder, images explained / skipped as done / failed / non-image files, shards written,
+    seconds, images per second."""
+    from tqdm.auto import tqdm
+
+    from caap.models import model_config
+
+    if shard_size < 1 or workers < 1:
+        raise ValueError(f"shard_size and workers must be at least 1, got {shard_size} and {workers}")
+    items, non_images = list_items(source, split=split, limit=limit)
+    _, data_config = model_config(settings.model)
+    store = ShardStore(out, settings.resolved())
+    done = store.done(retry_failed=retry_failed)
+    pending = [i for i in items if i.image_id not in done]
+    rows: list[dict[str, Any]] = []
+    counts = {"ok": 0, "failed": 0}
+    written: list[Path] = []
+    t0 = time.perf_counter()
+    stream: Iterable[dict[str, Any]] = (
+        _explain_ray(pending, settings, data_config, workers, ray_address) if ray and pending
+        else _explain_local(pending, settings, data_config) if pending else []
+    )
+    bar = tqdm(total=len(pending), desc="explain-dataset", unit="img", disable=not progress)
+    try:
+        for row in stream:
+            rows.append(row)
+            counts[row["status"]] += 1
+            bar.update(1)
+            if len(rows) >= shard_size:
+                written.append(store.write(rows))
+                rows = []
+    finally:  # an interrupted run keeps every complete row it computed
+        if rows:
+            written.append(store.write(rows))
+        bar.close()
+    seconds = time.perf_counter() - t0
+    return {
+        "folder": str(store.folder), "settings_hash": store.hash, "images": len(items), "explained": counts["ok"],
+        "failed": counts["failed"], "already_done": len(items) - len(pending), "non_image_files": non_images,
+        "shards_written": len(written), "seconds": round(seconds, 2),
+        "images_per_second": round(len(pending) / seconds, 3) if pending and seconds > 0 else None,
+    }
