@@ -212,7 +212,11 @@ def test_known_answer_linear_model():
 # ------------------------------------------------------------------------------- language models
 @pytest.fixture(scope="module")
 def lm():
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError:  # TransformerLens 4 raises ImportError for the removed names
+        pytest.skip("HookedTransformer is TransformerLens 3's; on TransformerLens 4, tests/test_language_models.py "
+                    "runs the engine on TransformerBridge")
 
     torch.manual_seed(0)
     cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_ctx=12, d_head=8, n_heads=4, d_vocab=20,
