@@ -109,6 +109,9 @@ def metric_settings(steps: int = STEPS, aopc_steps: int = AOPC_STEPS) -> dict[st
     per image and pass). Here:
       insertion, deletion   patch level, `steps` equal steps (default 16: 15 forward passes per image,
                             the two ends being shared, see `caap.metrics.Evaluator`), AUC over [0, 1];
+      token_insertion, token_deletion  the same `steps` (patch tokens dropped, no substrate);
+      road_morf, road_lerf  the paper's 9 fractions (10%, ..., 90%), one sparse solve per image and
+                            fraction on the CPU (~0.1-0.9 s each at 224 px);
       morf, lerf            patch level, `aopc_steps` single-patch steps (default 16);
       positive/negative_perturbation  Chefer et al.'s 9 steps (unchanged);
       localisation          no forward pass at all (unchanged).
@@ -119,6 +122,8 @@ def metric_settings(steps: int = STEPS, aopc_steps: int = AOPC_STEPS) -> dict[st
     return {
         "insertion": {"n_steps": steps},
         "deletion": {"n_steps": steps},
+        "token_insertion": {"n_steps": steps},
+        "token_deletion": {"n_steps": steps},
         "morf": {"n_steps": aopc_steps},
         "lerf": {"n_steps": aopc_steps},
     }

@@ -4,6 +4,7 @@ the shared imagenet_val1300_boxes).
     python experiments/benchmark.py --estimate --out results/benchmark        # time a few images first
     python experiments/benchmark.py --out results/benchmark                   # everything: ~5.3 h on 2 CPU cores
     python experiments/benchmark.py --methods caap,rollout,rise --metrics insertion,deletion --limit 50
+    python experiments/benchmark.py --metrics token_deletion,token_insertion,road_morf,road_lerf --shard 1/4
 
 The table in the README (651 heldout images in 45 minutes on 2 CPU cores) is
 
@@ -19,7 +20,15 @@ Methods: "caap" is `CAAP(model)` with its defaults (`caap.attribution.caap`: `DE
 is a `caap.baselines` entry, with the cost settings of `_common.method_settings` (documented there: RISE masks,
 IG steps, SmoothGrad samples).
 Metrics: every `caap.metrics` entry, with the step settings of `_common.metric_settings` (documented
-there). The cost of both is what `--estimate` measures and extrapolates to the full run.
+there): `--steps` sets insertion, deletion, token_insertion and token_deletion (1 to the number of
+patches; equal steps at its divisors). The cost of both is what `--estimate` measures and extrapolates
+to the full run.
+
+In parts: `--shard I/N` computes only the chunks I, I+N, I+2N, ... (chunk = `--batch-size` images; I from
+1 to N) into the cache and writes no table; shards may run one after another or at once (in separate
+processes or on separate machines sharing `--out`), with the same flags. A run without `--shard` then
+reads every cached chunk, computes whatever is still missing, and writes the tables. An interrupted run
+loses at most the chunk in progress.
 
 Outputs under `--out`:
     per_image.csv      one row per image x method x model: a column per metric, the method's runtime
@@ -163,7 +172,35 @@ def parse_args(argv: list[str] | None) -> Any:
     p.add_argument("--grid-images", type=int, default=4, help="images in the overlay grid (default 4; 0: none)")
     p.add_argument("--estimate", type=positive, nargs="?", const=4, default=None, metavar="N",
                    help="time N images (default 4) per method and metric, extrapolate the full run, and stop")
+    p.add_argument("--shard", type=shard, default=None, metavar="I/N",
+                   help="compute only chunks I, I+N, I+2N, ... (1 <= I <= N) into the cache and write no table")
     return p.parse_args(argv)
+
+
+def shard(text: str) -> tuple[int, int]:
+    """`--shard I/N` -> (I, N), 1 <= I <= N."""
+    import argparse
+
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N (e.g. 1/4)") from None
+    if not 1 <= i <= n:
+        raise argparse.ArgumentTypeError(f"{text!r}: I must be between 1 and N (e.g. 1/4 ... 4/4)")
+    return i, n
+
+
+STEP_METRICS = ("insertion", "deletion", "token_insertion", "token_deletion")
+
+
+def check_steps(model: Any, steps: int, metrics: dict[str, Metric]) -> None:
+    """`--steps` against the model's patch grid, before any work: at least one patch a step."""
+    used = [m for m in metrics if m in STEP_METRICS]
+    n = int(model.cfg.grid_size[0] * model.cfg.grid_size[1])
+    if used and steps > n:
+        divisors = ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+        raise UsageError(f"--steps {steps} is more than the {n} patches of the model's grid ({', '.join(used)} "
+                         f"change at least one patch a step); accepted: 1..{n}, equal steps at {divisors}")
 
 
 def resolve_inputs(args: Any) -> tuple[list[str], dict[str, Metric], list[Any], list[tuple[str, str | None]]]:
@@ -196,9 +233,12 @@ def run_model(model: Any, name: str, methods: list[str], metrics: dict[str, Metr
     objects: dict[str, AttributionMethod] = {}
     rows: list[dict[str, Any]] = []
     grid_maps: dict[str, Any] = {}
-    starts = list(range(0, len(samples), args.batch_size))
+    starts = list(enumerate(range(0, len(samples), args.batch_size)))
+    if args.shard is not None:
+        i, n = args.shard
+        starts = [(ci, start) for ci, start in starts if ci % n == i - 1]
     bar = tqdm(total=len(starts) * len(methods), desc=name.split(".")[0], unit="chunk")
-    for ci, start in enumerate(starts):
+    for ci, start in starts:
         chunk = load_chunk(model, samples[start : start + args.batch_size], ci, start)
         clean = clean_logits(model, chunk, cache / "clean" / f"{args.split}_{chunk.tag}.npz", args.forward_batch)
         probs = clean.softmax(-1)
@@ -530,17 +570,26 @@ def _main(argv: list[str] | None) -> int:
     settings = {me: settings_of(args).get(me, {}) for me in methods}
     if args.estimate:
         for name, ckpt in model_specs:
-            text = estimate(open_model(name, ckpt, args.device), name, methods, metrics, samples, args, out)
+            model = open_model(name, ckpt, args.device)
+            check_steps(model, args.steps, metrics)
+            text = estimate(model, name, methods, metrics, samples, args, out)
             print()
             print(text)
         return 0
     rows, grids, models = [], {}, []
     for name, ckpt in model_specs:
         model = open_model(name, ckpt, args.device)
+        check_steps(model, args.steps, metrics)
         r, g = run_model(model, name, methods, metrics, samples, args, out)
         rows += r
         grids[name] = g
         models.append((name, model))
+    if args.shard is not None:
+        i, n = args.shard
+        chunks = len(range(0, len(samples), args.batch_size))
+        print(f"shard {i}/{n}: {len(range(i - 1, chunks, n))} of {chunks} chunks ({args.batch_size} images each) are in "
+              f"{out / 'cache'}; once every shard is done, run the same command without --shard to write the tables")
+        return 0
     summary = write_outputs(rows, grids, models, methods, metrics, samples, args, out, settings)
     print()
     print(summary)

@@ -192,11 +192,31 @@ def test_shared_forward_passes_equal_the_metrics(world):
     torch.manual_seed(0)
     model = HookedViT.from_timm(timm.create_model(NAME, pretrained=False, **{**SMALL, "depth": 1}))
     pixels, targets, maps = torch.randn(2, 3, 224, 224), torch.tensor([5, 9]), torch.randn(2, 14, 14)
-    names = [n for n, cls in METRICS.items() if cls.kind == "faithfulness"]
+    # ROAD shares nothing (its fill-in depends on the map; the Evaluator calls it as is) and costs a sparse
+    # solve per image and fraction: tested in test_metrics_substrate_free.py
+    names = [n for n, cls in METRICS.items() if cls.kind == "faithfulness" and not n.startswith("road")]
     metrics = common.build_metrics(names, batch_size=32, steps=7, aopc_steps=5)
     got = Evaluator(model, pixels, targets, batch_size=32).evaluate(maps, metrics)
     for name, metric in metrics.items():
         torch.testing.assert_close(got[name], metric(model, pixels, maps, targets=targets), atol=1e-5, rtol=1e-4)
+
+
+def test_benchmark_shards_then_writes_the_tables(world, tmp_path, monkeypatch, capsys):
+    """Two shards fill the cache (no table); the run without --shard computes nothing and writes the tables
+    with the token metrics."""
+    flags = [*_common_flags(world), "--methods", "random,rollout", "--metrics", "token_deletion,token_insertion",
+             "--steps", "7", "--out", str(tmp_path), "--batch-size", "1", "--grid-images", "0"]
+    assert benchmark.main([*flags, "--shard", "1/2"]) == 0
+    assert "shard 1/2: 2 of 3 chunks" in capsys.readouterr().out
+    assert not (tmp_path / "per_image.csv").exists()
+    assert benchmark.main([*flags, "--shard", "2/2"]) == 0
+    monkeypatch.setattr(benchmark, "make_method", _boom)
+    monkeypatch.setattr(Evaluator, "evaluate", _boom)
+    assert benchmark.main(flags) == 0
+    rows = _rows(tmp_path / "per_image.csv")
+    assert len(rows) == 3 * 2 and all(0 <= float(r[m]) <= 1 for r in rows for m in ("token_deletion", "token_insertion"))
+    summary = (tmp_path / "summary.md").read_text()
+    assert "token_deletion ↓" in summary and "token_insertion ↑" in summary
 
 
 def test_benchmark_estimate(world, tmp_path, capsys):
@@ -212,6 +232,10 @@ def test_benchmark_estimate(world, tmp_path, capsys):
     ("benchmark", ["--data", "MISSING"], "data folder not found"),
     ("benchmark", ["--limit", "0"], "must be at least 1"),
     ("benchmark", ["--split", "train"], "split 'train' is not in"),
+    ("benchmark", ["--metrics", "token_deletion,road"], "unknown metric 'road'; accepted: insertion, deletion"),
+    ("benchmark", ["--metrics", "token_deletion", "--steps", "50"], "more than the 49 patches"),
+    ("benchmark", ["--shard", "3/2"], "I must be between 1 and N"),
+    ("benchmark", ["--shard", "half"], "is not I/N"),
     ("ablation", ["--contexts", "sepia"], "unknown context 'sepia'"),
     ("ablation", ["--ranges", "middle"], "unknown range 'middle'"),
     ("ablation", ["--metrics", "nope"], "unknown metric 'nope'"),
