@@ -25,12 +25,15 @@ pixels. Ties are broken in raster order (stable sort).
 
 Substrates (what a deleted unit becomes, or what an inserted image starts from), in the normalised input
 space the model reads:
-    "zero"     the zero tensor, i.e. the dataset's mean colour (RISE's deletion substrate).
+    "zero"     the zero tensor, i.e. the dataset's mean colour (RISE's deletion substrate): mid-grey
+               (unit RGB 0.5) for the AugReg ViTs (mean = std = 0.5), the ImageNet mean colour (unit
+               RGB 0.485, 0.456, 0.406) for models normalised with it; never black.
     "blur"     the image blurred with an 11x11 Gaussian of sigma 5 and zero padding
                (`hooked_vit.preprocess.gaussian_blur(pixels, 5, 11, "zeros")`), RISE's insertion
                substrate (RISE builds the kernel by filtering a delta with scipy's reflect mode; this is
                the plain normalised Gaussian, which differs slightly).
-    "black"    zero in raw [0, 1] pixels, i.e. (0 - mean) / std: what Chefer et al.'s code masks with.
+    "black"    zero in raw [0, 1] pixels (unit RGB 0), i.e. (0 - mean) / std: what Chefer et al.'s code
+               masks with.
     "uniform"  uniform noise in raw [0, 1] pixels (Samek et al.'s choice), seeded by `seed`.
     or a tensor broadcastable to the pixels, or a callable pixels -> substrate.
 "black" and "uniform" need the normalisation: `mean`/`std` arguments or `model.data_config`.
@@ -358,7 +361,8 @@ class _AUCMetric(PerturbationMetric):
 
 class Insertion(_AUCMetric):
     """Insertion AUC (Petsiuk, Das & Saenko 2018, "RISE: Randomized Input Sampling for Explanation of
-    Black-box Models", BMVC): start from the substrate (default "blur", as RISE) and reveal the units
+    Black-box Models", BMVC): start from the substrate (default "blur", as RISE: an 11x11 Gaussian of sigma
+    5 px, zero padding, in the normalised input) and reveal the units
     in decreasing relevance; the area under the target's score (default softmax probability) against the
     fraction revealed, trapezoid rule over [0, 1]. Higher is better.
 
@@ -376,7 +380,8 @@ class Insertion(_AUCMetric):
 
 class Deletion(_AUCMetric):
     """Deletion AUC (Petsiuk, Das & Saenko 2018, "RISE", BMVC): remove the units in decreasing
-    relevance, replacing them with the substrate (default "zero", the mean colour, as RISE); the area
+    relevance, replacing them with the substrate (default "zero", the dataset's mean colour, as RISE:
+    mid-grey for mean = std = 0.5 models; "black" for unit RGB 0); the area
     under the target's score against the fraction removed. Lower is better. Arguments as `Insertion`.
     """
 
