@@ -21,13 +21,16 @@ Resuming: a run with the same settings first reads the shards already there and 
 a row (ok or failed; `retry_failed=True` explains the failed ones again, and `read_results` keeps one row
 per image, an ok row before a failed one). A run killed half-way therefore loses at most the images of
 the shard in progress. Images are explained one at a time in both paths (a CAAP call per image), so the
-Ray path gives the same maps as the local one (tests/test_dataset.py compares them).
+Ray path gives the same maps as the local one: bit for bit where each Ray worker runs as many torch
+threads as the local process, and to 1e-6 otherwise (two workers on two cores run one thread each, and a
+matrix product's float summation order depends on its thread count; tests/test_dataset.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import time
@@ -386,6 +389,7 @@ def _explain_ray(
 
     if address:
         check_ray_address(address)
+    logging.getLogger("ray").setLevel(logging.WARNING)  # Ray Data's execution notices; our bar shows progress
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
         ray.init(address=address, **kwargs) if address else ray.init(num_cpus=os.cpu_count(), **kwargs)
@@ -399,7 +403,7 @@ def _explain_ray(
     # reading and preprocessing is light: it takes no CPU slot, so it never waits behind the actors that hold them
     ds = ds.map(_ray_read, fn_kwargs={"data_config": data_config}, num_cpus=0)
     ds = ds.map_batches(_RayExplainer, fn_constructor_kwargs={"settings": settings, "num_threads": cpus},
-                        batch_size=1, concurrency=workers, num_cpus=cpus, num_gpus=gpus)
+                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus, num_gpus=gpus)
     for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
         for row in batch["row"]:
             yield json.loads(row)
