@@ -307,7 +307,7 @@ def cmd_explain_dataset(args: argparse.Namespace) -> None:
     try:
         list_items(args.source, split=args.split, limit=args.limit)  # a bad source or split fails here, at once
         settings = DatasetSettings(model=args.model, checkpoint=args.checkpoint, layers=layers, context=args.context,
-                                   score=args.score, target=target, dtype=args.dtype, device=args.device)
+                                   score=args.score, target=target, precision=args.precision, device=args.device)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
     summary = explain_dataset(args.source, args.out, settings, split=args.split, limit=args.limit,
@@ -377,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--split", help="a split of the manifest (e.g. heldout)")
     d.add_argument("--limit", type=positive_int, help="only the first N images")
     d.add_argument("--shard-size", type=positive_int, default=32, help="images per Parquet shard (default 32)")
-    d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    d.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: matrix products in bfloat16 under autocast, residual stream and score in fp32 "
+                        "(README, bf16)")
     d.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     d.add_argument("--ray", action="store_true", help="run on Ray Data (local Ray unless --ray-address)")
     d.add_argument("--ray-address", help="an existing Ray cluster, HOST:PORT or ray://HOST:PORT (implies --ray)")

@@ -22,8 +22,9 @@ a row (ok or failed; `retry_failed=True` explains the failed ones again, and `re
 per image, an ok row before a failed one). A run killed half-way therefore loses at most the images of
 the shard in progress. Images are explained one at a time in both paths (a CAAP call per image), so the
 Ray path gives the same maps as the local one: bit for bit where each Ray worker runs as many torch
-threads as the local process, and to 1e-6 otherwise (two workers on two cores run one thread each, and a
-matrix product's float summation order depends on its thread count; tests/test_dataset.py).
+threads as the local process, and to float rounding otherwise (two workers on two cores run one thread
+each, and a matrix product's summation order depends on its thread count: differences of a few 1e-6 on
+the real ViT-Tiny's maps; tests/test_dataset.py, experiments/dataset_throughput.py).
 """
 
 from __future__ import annotations
@@ -119,14 +120,16 @@ class DatasetSettings:
     component: str = "resid_pre"
     score: str = "logit_diff"
     target: str = "auto"
-    dtype: str = "float32"
+    precision: str = "fp32"
     device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.target not in TARGET_MODES and not self.target.isdigit():
             raise ValueError(f"target must be one of {', '.join(TARGET_MODES)} or a class index, got {self.target!r}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        from caap.attribution.caap import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     def resolved(self) -> dict[str, Any]:
         """The settings as stored with every row: the checkpoint replaced by a digest of its bytes, the
@@ -267,17 +270,16 @@ class Explainer:
         keep_freed_memory()
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        dtype = getattr(torch, settings.dtype)
-        self.model = load_model(settings.model, settings.checkpoint, device=settings.device).to(dtype)
+        self.model = load_model(settings.model, settings.checkpoint, device=settings.device)
         self.method = CAAP(self.model, layers=settings.layers, context=settings.context,
-                           component=settings.component, score=settings.score)
+                           component=settings.component, score=settings.score, precision=settings.precision)
         self.target = settings.target
 
     def __call__(self, item: Item, pixels: Any) -> dict[str, Any]:
         import torch
 
         t0 = time.perf_counter()
-        x = torch.as_tensor(pixels)[None].to(self.model.device, next(self.model.parameters()).dtype)
+        x = torch.as_tensor(pixels)[None].to(self.model.device)
         with torch.inference_mode():
             predicted = int(self.model(x)[0].argmax())
         if self.target.isdigit():

@@ -232,7 +232,12 @@ class HookedViT(HookedRootModule):
     def head_forward(self, resid: Float[Tensor, "batch pos d_model"], tokens_only: bool = False
                      ) -> Float[Tensor, "batch n_classes"]:
         """The residual stream after the last block -> logits (final norm, pooling, head).
-        `tokens_only`: `resid` holds just the pooled token(s) (see `forward`)."""
+        `tokens_only`: `resid` holds just the pooled token(s) (see `forward`). Under `torch.autocast` the
+        head runs in fp32 all the same: attributions read differences of nearly equal logits, which a
+        16-bit head would round away."""
+        if torch.is_autocast_enabled(resid.device.type):
+            with torch.autocast(resid.device.type, enabled=False):
+                return self.head_forward(resid.float(), tokens_only)
         x = self.ln_final(resid) if self.ln_final is not None else resid
         pooled = self.hook_pooled((x[:, 0] if x.shape[1] == 1 else x) if tokens_only else self.pool(x))
         if self.fc_norm is not None:

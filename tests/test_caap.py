@@ -187,3 +187,32 @@ def test_sources_and_context_of_different_sizes_are_refused():
         resid = model(large, stop_at_layer=1)
     with pytest.raises(ValueError, match="positions would not align"):
         sweep(model, small, ResidContext({1: resid}), logit_score(torch.tensor([0])), layers=[1])
+
+
+def test_bf16_precision_keeps_the_head_and_the_maps_in_fp32():
+    model = HookedViT.from_timm("vit_tiny_patch16_224", pretrained=False, depth=2).eval()
+    pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        resid = model(pixels, stop_at_layer=2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model.head_forward(resid)
+        assert logits.dtype == torch.float32  # the head leaves autocast: no bf16 logits
+        torch.testing.assert_close(logits, model.head_forward(resid))
+    maps = CAAP(model, layers=(1, 1), context="grey", precision="bf16").attribute(pixels, target=3)
+    assert maps.dtype == torch.float32 and maps.shape == (1, 14, 14) and torch.isfinite(maps).all()
+    with pytest.raises(ValueError, match="accepted: fp32, bf16"):
+        CAAP(model, precision="fp16")
+
+
+@pytest.mark.skipif(shared_checkpoint() is None, reason="needs ../shared/models (real ViT-Tiny weights)")
+def test_bf16_maps_agree_with_fp32_on_the_real_model():
+    from scipy.stats import spearmanr
+
+    model = HookedViT.from_timm(DEFAULT_MODEL, checkpoint_path=shared_checkpoint())
+    import skimage.data
+
+    pixels = model.preprocess([skimage.data.chelsea(), skimage.data.astronaut()])
+    fp32 = CAAP(model).attribute(pixels)
+    bf16 = CAAP(model, precision="bf16").attribute(pixels)
+    for a, b in zip(fp32, bf16):  # about 0.99 on heldout photos (README, bf16)
+        assert spearmanr(a.flatten(), b.flatten())[0] > 0.97
