@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from caap.cli import positive_int
 from caap.cpu import keep_freed_memory
 from caap.data import VAL_BOXES, Sample, box_mask, load_manifest, sample_mask, shared_data_dir
 from caap.metrics import METRICS, Evaluator, Metric, get_metric
@@ -79,14 +80,8 @@ def load_samples(data: str | None, split: str | None, limit: int | None) -> tupl
     return folder, samples
 
 
-def positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} must be at least 1")
-    return n
+positive = positive_int
+"""argparse type for counts (>= 1): the command line's own, `caap.cli.positive_int`."""
 
 
 # ---------------------------------------------------------------------------------------------- metrics
