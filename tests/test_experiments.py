@@ -33,6 +33,8 @@ def _load(name: str):
 benchmark = _load("benchmark")
 ablation = _load("ablation")
 caap_defaults = _load("caap_defaults")
+sanity = _load("sanity")
+metric_steps = _load("metric_steps")
 common = sys.modules["_common"]
 
 
@@ -217,6 +219,33 @@ def test_benchmark_shards_then_writes_the_tables(world, tmp_path, monkeypatch, c
     assert len(rows) == 3 * 2 and all(0 <= float(r[m]) <= 1 for r in rows for m in ("token_deletion", "token_insertion"))
     summary = (tmp_path / "summary.md").read_text()
     assert "token_deletion ↓" in summary and "token_insertion ↑" in summary
+
+
+def test_sanity_script_flags_the_model_free_maps(world, tmp_path, capsys):
+    out = tmp_path / "sanity"
+    assert sanity.main([*_common_flags(world), "--methods", "random,edge,gae", "--out", str(out)]) == 0
+    text = (out / "sanity.md").read_text()
+    lines = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "**flagged**" in lines["random"] and "**flagged**" in lines["edge"]
+    assert {"head", "block 2", "block 0", "embed"} <= {c.strip() for c in text.splitlines()[2].split("|")}
+    rows = _rows(out / "sanity.csv")
+    assert len(rows) == 3 * 6 * 3  # methods x stages (trained, head, blocks 2, 1, 0, embed) x images
+    assert (out / "sanity.png").stat().st_size > 1000 and "plotly" in (out / "sanity.html").read_text()[:5_000_000]
+    assert "Cascading randomisation" in capsys.readouterr().out
+
+
+def test_metric_steps_script(world, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "steps"
+    flags = [*_common_flags(world), "--methods", "random", "--steps", "7,16", "--out", str(out), "--batch-size", "2"]
+    assert metric_steps.main(flags) == 0
+    rows = _rows(out / "metric_steps.csv")
+    assert len(rows) == 3 * 4 and {"7", "16", "49"} <= set(rows[0])  # 49 = one patch a step on the 7x7 grid
+    text = capsys.readouterr().out
+    assert "| token_deletion | 7 |" in text and "49 (reference)" in text
+    monkeypatch.setattr(Evaluator, "evaluate", _boom)  # resumed from the chunk cache
+    assert metric_steps.main(flags) == 0
+    assert metric_steps.main([*flags[:-4], "--steps", "49", "--out", str(out)]) == 2
+    assert "between 1 and 48" in capsys.readouterr().err
 
 
 def test_benchmark_estimate(world, tmp_path, capsys):
