@@ -42,6 +42,17 @@ TL_MAJOR = int(version("transformer-lens").split(".")[0])
 """The installed TransformerLens major version (3: HookedTransformer; 4: TransformerBridge)."""
 
 GGUF_MAGIC = b"GGUF"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""The real language model in the shared folder (../shared/models; its README describes it)."""
+
+
+def shared_language_model(name: str = SMOLLM2_GGUF) -> Path | None:
+    """`<shared folder>/models/<name>` (`caap.data.shared_dir`: ../shared or $CAAP_SHARED_DIR), or None."""
+    from caap.data import shared_dir
+
+    root = shared_dir()
+    path = root / "models" / name if root else None
+    return path if path is not None and path.is_file() else None
 
 
 def _require_bridge() -> Any:

@@ -506,11 +506,12 @@ def direction_edit(heads: Sequence[tuple[int, int]], directions: Tensor, mode: s
     return {f"blocks.{layer}.attn.hook_q": fn(items) for layer, items in by_layer.items()}
 
 
-def removed_fraction(ld_clean: Tensor, ld_persuaded: Tensor, ld_edited: Tensor) -> float:
-    """Share of the persuasion an edit removes on the persuaded prompts: the mean rise of the logit
-    difference over the mean persuasion effect (0 = nothing, 1 = back to clean)."""
-    denom = float((ld_clean - ld_persuaded).mean())
-    return float((ld_edited - ld_persuaded).mean()) / denom if denom else math.nan
+def removed_fraction(ld_clean: Tensor, ld_persuaded: Tensor, ld_clean_edited: Tensor, ld_persuaded_edited: Tensor) -> float:
+    """Share of the persuasion an edit of the model removes: 1 - (mean persuasion effect with the edit,
+    clean and persuaded prompts both edited) / (mean effect without it). 0 = nothing, 1 = all of it;
+    an edit that moves clean and persuaded prompts alike removes nothing."""
+    base = float((ld_clean - ld_persuaded).mean())
+    return 1 - float((ld_clean_edited - ld_persuaded_edited).mean()) / base if base else math.nan
 
 
 def random_head_sets(model: Any, k: int, n: int, exclude: Sequence[tuple[int, int]], seed: int = 0) -> list[list[tuple[int, int]]]:

@@ -249,11 +249,10 @@ def test_loader_reads_a_hugging_face_folder(tmp_path: Path):
 
 
 def _shared_gguf() -> Path:
-    from caap.data import shared_dir
+    from caap.language_models import shared_language_model
 
-    root = shared_dir()
-    path = root / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf" if root else None
-    if path is None or not path.is_file():
+    path = shared_language_model()
+    if path is None:
         pytest.skip("needs ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf (or $CAAP_SHARED_DIR)")
     if importlib.util.find_spec("gguf") is None:
         pytest.skip("reading GGUF needs the `gguf` package (pip install -e .)")
