@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ from torch import Tensor
 from caap.cli import positive_int
 from caap.cpu import keep_freed_memory
 from caap.data import VAL_BOXES, Sample, box_mask, load_manifest, sample_mask, shared_data_dir
+from caap.files import atomic_path
 from caap.metrics import METRICS, Evaluator, Metric, get_metric
 
 
@@ -262,10 +262,8 @@ def load_cached_maps(path: Path, files: list[str]) -> tuple[Tensor, float] | Non
 
 
 def save_maps(path: Path, maps: Tensor, files: list[str], seconds: float) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(tmp, maps=maps.detach().cpu().float().numpy(), files=np.array(files), seconds=seconds)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # a reader (or a resumed run) never sees half a cache file
+        np.savez_compressed(tmp, maps=maps.detach().cpu().float().numpy(), files=np.array(files), seconds=seconds)
 
 
 def load_cached_scores(path: Path, files: list[str]) -> dict[str, Any]:
@@ -282,10 +280,8 @@ def load_cached_scores(path: Path, files: list[str]) -> dict[str, Any]:
 
 
 def save_scores(path: Path, files: list[str], cache: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({**cache, "files": list(files)}))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({**cache, "files": list(files)}))
 
 
 def scores_for_chunk(
