@@ -122,8 +122,11 @@ PROG = "benchmark"
 METHODS = ["caap", *BASELINES]
 
 def settings_of(args: Any) -> dict[str, dict[str, Any]]:
-    """`method_settings` with this run's flags."""
-    return method_settings(args.forward_batch, args.seed, args.rise_masks, args.ig_steps, args.smoothgrad_samples)
+    """`method_settings` with this run's flags (`--tis-masks`: TIS's masks, default its paper's 1024)."""
+    settings = method_settings(args.forward_batch, args.seed, args.rise_masks, args.ig_steps, args.smoothgrad_samples)
+    if getattr(args, "tis_masks", None) is not None:
+        settings["tis"] = {**settings.get("tis", {}), "n_masks": args.tis_masks}
+    return settings
 
 
 def method_tag(name: str, args: Any) -> str:
@@ -169,6 +172,8 @@ def parse_args(argv: list[str] | None) -> Any:
     p.add_argument("--ig-steps", type=positive, default=IG_STEPS, help=f"IG steps (default {IG_STEPS})")
     p.add_argument("--smoothgrad-samples", type=positive, default=SMOOTHGRAD_SAMPLES,
                    help=f"SmoothGrad samples (default {SMOOTHGRAD_SAMPLES})")
+    p.add_argument("--tis-masks", type=positive, default=None,
+                   help="TIS masks (default the paper's 1024; each costs a forward pass at half the tokens)")
     p.add_argument("--grid-images", type=int, default=4, help="images in the overlay grid (default 4; 0: none)")
     p.add_argument("--estimate", type=positive, nargs="?", const=4, default=None, metavar="N",
                    help="time N images (default 4) per method and metric, extrapolate the full run, and stop")
@@ -460,7 +465,7 @@ def bars_figure(df: Any, metrics: dict[str, Metric], color: str | None, bar_char
 def command_flags(args: Any) -> list[str]:
     flags = []
     for key in ("split", "limit", "methods", "metrics", "model", "batch_size", "steps", "aopc_steps",
-                "rise_masks", "ig_steps", "smoothgrad_samples", "seed"):
+                "rise_masks", "ig_steps", "smoothgrad_samples", "tis_masks", "seed"):
         v = getattr(args, key)
         if v is not None:
             flags.append(f"--{key.replace('_', '-')} {v}")
