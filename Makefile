@@ -16,8 +16,9 @@ PIP_INSTALL := $(BIN)/python -m pip install -qq --disable-pip-version-check -c $
 .DEFAULT_GOAL := explain
 .PHONY: explain test lock
 
+# --force: the demo command may be run again (it rewrites ./caap_out, or the --out in ARGS, with the same map)
 explain: $(VENV)/.installed
-	@$(BIN)/caap explain $(ARGS)
+	@$(BIN)/caap explain --force $(ARGS)
 
 # the lint and the tests both run; the exit status is non-zero when either fails
 test: $(VENV)/.installed-test
