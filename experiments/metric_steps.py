@@ -104,6 +104,7 @@ def _main(argv: list[str] | None) -> int:
     kw = method_settings(args.forward_batch, args.seed)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
+    seconds = 0.0  # compute time of every chunk, cached ones included
     key = hashlib.sha1(json.dumps([args.model, args.split, methods, families, all_steps, args.seed]).encode()).hexdigest()[:10]
     cache = Path(args.out) / "cache" / key
     cache.mkdir(parents=True, exist_ok=True)
@@ -114,7 +115,9 @@ def _main(argv: list[str] | None) -> int:
             saved = json.loads(path.read_text())
             if saved.get("images") == [s.name for s in part]:
                 rows += saved["rows"]
+                seconds += float(saved.get("seconds", 0.0))
                 continue
+        t_chunk = time.perf_counter()
         chunk = load_chunk(model, part, 0, start)
         new: list[dict[str, Any]] = []
         ev = Evaluator(model, chunk.pixels, chunk.targets, batch_size=args.forward_batch)
@@ -127,7 +130,9 @@ def _main(argv: list[str] | None) -> int:
                     new.append({"image": s.name, "method": method, "metric": fam,
                                 **{str(k): float(values[f"{fam}@{k}"][j]) for k in all_steps}})
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"images": [s.name for s in part], "rows": new}))
+        seconds += time.perf_counter() - t_chunk
+        tmp.write_text(json.dumps({"images": [s.name for s in part], "rows": new,
+                                   "seconds": time.perf_counter() - t_chunk}))
         os.replace(tmp, path)
         rows += new
         print(f"{start + len(chunk.samples)}/{len(samples)} images, {time.perf_counter() - t0:.0f} s", flush=True)
@@ -163,7 +168,8 @@ def _main(argv: list[str] | None) -> int:
          "token metrics drop the patch tokens (no substrate)."), "",
         (f"Command: `python experiments/metric_steps.py --limit {args.limit} --methods {','.join(methods)} "
          f"--metrics {','.join(families)} --steps {','.join(map(str, steps))}`"),
-        f"Took {time.perf_counter() - t0:.0f} s.",
+        (f"Computed in {seconds:.0f} s (wall, the sum over chunks, on {args.device}; this machine's load varies: "
+         "2 shared CPU cores)."),
     ])
     (out / "metric_steps.md").write_text(text + "\n")
     print()
