@@ -183,7 +183,8 @@ def _main(argv: list[str] | None) -> int:
          f"stage (the map does not follow the model). All {len(stages) - 1} stages in sanity.csv / sanity.png. "
          f"s: seconds for all stages."), "",
         (f"Command: `python experiments/sanity.py --limit {args.limit} --methods {','.join(methods)} "
-        f"--threshold {args.threshold} --seed {args.seed}`"),
+        f"--threshold {args.threshold} --seed {args.seed} --ig-steps {args.ig_steps} "
+        f"--smoothgrad-samples {args.smoothgrad_samples}`"),
     ])
     (out / "sanity.md").write_text(text + "\n")
     write_plots(results, out, f"Cascading randomisation ({n} {args.split} photos, {args.model.split('.')[0]})")
