@@ -72,6 +72,7 @@ def table_stages(stages: list[str]) -> list[str]:
 
 def write_plots(results: dict[str, RandomisationResult], out: Path, title: str) -> None:
     import plotly.graph_objects as go
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -84,12 +85,14 @@ def write_plots(results: dict[str, RandomisationResult], out: Path, title: str) 
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     pfig = go.Figure()
-    for name, r in results.items():
+    colours = [f"C{i}" for i in range(10)] if len(results) <= 10 else list(colormaps["tab20"].colors)
+    for ci, (name, r) in enumerate(results.items()):
         stats = [mean_ci(r.similarity[s].numpy()) for s in range(len(stages))]
         mean = np.array([m for m, _, _ in stats])
         half = np.nan_to_num(np.array([h for _, h, _ in stats]))
         style = "--" if r.flagged else "-"
-        line = ax.plot(x, mean, style, marker="o", ms=3, label=f"{name}{' (flagged)' if r.flagged else ''}")[0]
+        line = ax.plot(x, mean, style, marker="o", ms=3, color=colours[ci % len(colours)],
+                       label=f"{name}{' (flagged)' if r.flagged else ''}")[0]
         ax.fill_between(x, mean - half, mean + half, color=line.get_color(), alpha=0.12, lw=0)
         pfig.add_trace(go.Scatter(x=stages, y=mean, mode="lines+markers", name=name + (" (flagged)" if r.flagged else ""),
                                   line={"dash": "dash" if r.flagged else "solid"},
