@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,9 +175,23 @@ def test_interrupt_during_imports_is_one_line(tmp_path):
     import signal
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "caap.cli", "explain", "--out", str(tmp_path)],
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    time.sleep(0.4)  # past interpreter start-up, inside `import torch` (which takes seconds)
+    # a background job of a shell (CI may run us so) inherits SIGINT ignored, and a child would keep it
+    # ignored; a handler here becomes the default disposition in the child, as in a terminal
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "caap.cli", "explain", "--out", str(tmp_path)],
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:  # wait until torch's library is being loaded
+        try:
+            if "libtorch" in maps.read_text():
+                break
+        except OSError:
+            pass
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
