@@ -54,7 +54,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from caap.metrics.base import Metric, pool_maps_to_grid, upsample_maps
+from caap.metrics.base import CurveMetric, Metric, PerturbationCurve, pool_maps_to_grid, upsample_maps
 from caap.metrics.evaluate import Evaluator
 from caap.metrics.faithfulness import (
     Deletion,
@@ -62,7 +62,6 @@ from caap.metrics.faithfulness import (
     LeRF,
     MoRF,
     NegativePerturbation,
-    PerturbationCurve,
     PerturbationMetric,
     PositivePerturbation,
     auc,
@@ -108,6 +107,7 @@ def get_metric(name: str, **settings: Any) -> Metric:
 __all__ = [
     "METRICS",
     "BoxEnergy",
+    "CurveMetric",
     "Deletion",
     "Evaluator",
     "FMeasure",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -57,6 +58,54 @@ class Metric(ABC):
 
 
 # ---------------------------------------------------------------------------------------------- maps
+@dataclass
+class PerturbationCurve:
+    """A metric's curve: `scores[i, s]` at `fractions[s]` (the share of units changed)."""
+
+    fractions: Float[Tensor, " steps"]
+    scores: Float[Tensor, "batch steps"]
+
+
+class CurveMetric(Metric):
+    """A faithfulness metric read off a curve: `curve(model, pixels, maps, targets)` changes the input
+    step by step in the order of the map and scores each step; `reduce(curve)` makes one value per image
+    (an area, a mean). Calling the metric is `reduce(curve(...))`."""
+
+    @abstractmethod
+    def curve(
+        self, model: Model, pixels: Float[Tensor, "batch chan H W"], maps: Float[Tensor, "batch h w"],
+        targets: Target = None,
+    ) -> PerturbationCurve:
+        """Fractions and per-image scores, on the CPU."""
+
+    @abstractmethod
+    def reduce(self, curve: PerturbationCurve) -> Float[Tensor, " batch"]:
+        """One value per image from the curve."""
+
+    def __call__(
+        self,
+        model: Model,
+        pixels: Float[Tensor, "batch chan H W"],
+        maps: Float[Tensor, "batch h w"],
+        targets: Target = None,
+        masks: Bool[Tensor, "batch H W"] | None = None,
+    ) -> Float[Tensor, " batch"]:
+        """One value per image (on the CPU); `masks` is ignored."""
+        return self.reduce(self.curve(model, pixels, maps, targets))
+
+    def prepare(
+        self, model: Model | None, pixels: Any, maps: Any
+    ) -> tuple[Float[Tensor, "batch chan H W"], Float[Tensor, "batch h w"], torch.device]:
+        """What every curve starts with: a model is required; the pixels checked and moved to the model's
+        device, the maps as a batch beside them."""
+        if model is None:
+            raise ValueError(f"{type(self).__name__} is a faithfulness metric and needs the model")
+        pixels = check_pixels(pixels)
+        device = model_device(model, pixels.device)
+        pixels = pixels.to(device)
+        return pixels, as_map_batch(maps, pixels.shape[0]).to(device), device
+
+
 def as_map_batch(maps: Tensor, batch: int | None = None) -> Float[Tensor, "batch h w"]:
     """Maps as float [batch, h, w]; accepts [batch, h, w], [batch, 1, h, w], or [h, w] for one image."""
     if not isinstance(maps, Tensor):

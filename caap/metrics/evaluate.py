@@ -28,8 +28,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from caap.metrics.base import Metric, Model, as_map_batch, grid_for, resolve_patch_size
-from caap.metrics.faithfulness import PerturbationCurve, PerturbationMetric, perturbation_scores, unit_ranks
+from caap.metrics.base import Metric, Model, PerturbationCurve, as_map_batch, grid_for, resolve_patch_size
+from caap.metrics.faithfulness import PerturbationMetric, perturbation_scores, unit_ranks
 from caap.metrics.tokens import TokenPerturbationMetric, cell_order, prefix_only_logits, token_scores
 from caap.targets import Target, class_score, resolve_targets
 

@@ -45,22 +45,19 @@ the target is the top-1 class, else 0).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from caap.metrics.base import (
+    CurveMetric,
     Interpolation,
-    Metric,
     Model,
-    as_map_batch,
-    check_pixels,
+    PerturbationCurve,
     grid_for,
-    model_device,
     normalisation,
     pool_maps_to_grid,
     resolve_patch_size,
@@ -205,21 +202,13 @@ def perturbation_scores(
     return {s: values.view(b, n_steps) for s, values in out.items()}
 
 
-@dataclass
-class PerturbationCurve:
-    """A metric's curve: `scores[i, s]` at `fractions[s]` (the share of units changed)."""
-
-    fractions: Float[Tensor, " steps"]
-    scores: Float[Tensor, "batch steps"]
-
-
 def auc(curve: PerturbationCurve) -> Float[Tensor, " batch"]:
     """Area under the curve by the trapezoid rule over the fractions."""
     return torch.trapezoid(curve.scores, x=curve.fractions, dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-class PerturbationMetric(Metric):
+class PerturbationMetric(CurveMetric):
     """Shared machinery of the faithfulness metrics (see the module docstring).
 
     Args:
@@ -311,12 +300,7 @@ class PerturbationMetric(Metric):
         targets: Target = None,
     ) -> PerturbationCurve:
         """The perturbation curve behind the metric (for plots): fractions and per-image scores, on the CPU."""
-        if model is None:
-            raise ValueError(f"{type(self).__name__} is a faithfulness metric and needs the model")
-        pixels = check_pixels(pixels)
-        device = model_device(model, pixels.device)
-        pixels = pixels.to(device)
-        maps = as_map_batch(maps, pixels.shape[0]).to(device)
+        pixels, maps, _ = self.prepare(model, pixels, maps)
         size = (pixels.shape[-2], pixels.shape[-1])
         patch = resolve_patch_size(model, self.patch_size)
         gh, gw = grid_for(size, patch)
@@ -328,17 +312,6 @@ class PerturbationMetric(Metric):
             self.batch_size, self.progress, desc=self.name,
         )[self.score]
         return self.finish_curve(PerturbationCurve(fractions.float().cpu(), scores.float().cpu()))
-
-    def __call__(
-        self,
-        model: Model,
-        pixels: Float[Tensor, "batch chan H W"],
-        maps: Float[Tensor, "batch h w"],
-        targets: Target = None,
-        masks: Bool[Tensor, "batch H W"] | None = None,
-    ) -> Float[Tensor, " batch"]:
-        """One value per image (on the CPU); `masks` is ignored."""
-        return self.reduce(self.curve(model, pixels, maps, targets))
 
 
 class _AUCMetric(PerturbationMetric):

@@ -49,16 +49,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from caap.metrics.base import (
+    CurveMetric,
     Interpolation,
-    Metric,
     Model,
-    as_map_batch,
-    check_pixels,
-    model_device,
+    PerturbationCurve,
     normalisation,
     upsample_maps,
 )
-from caap.metrics.faithfulness import PERTURBATION_SCORES, Order, PerturbationCurve, _rank
+from caap.metrics.faithfulness import PERTURBATION_SCORES, Order, _rank
 from caap.targets import Score, Target, check_classes, check_score, class_score, resolve_targets
 from hooked_vit.preprocess import normalize, unnormalize
 
@@ -122,7 +120,7 @@ def noise_field(shape: Sequence[int], seed: int, step: int) -> Float[Tensor, "ch
     return torch.randn(tuple(shape), generator=gen)
 
 
-class ROADMetric(Metric):
+class ROADMetric(CurveMetric):
     """ROAD without retraining (see the module docstring).
 
     Args:
@@ -188,13 +186,8 @@ class ROADMetric(Metric):
         targets: Target = None,
     ) -> PerturbationCurve:
         """Fractions and per-image scores [batch, len(fractions)], on the CPU."""
-        if model is None:
-            raise ValueError(f"{type(self).__name__} is a faithfulness metric and needs the model")
-        pixels = check_pixels(pixels)
-        device = model_device(model, pixels.device)
-        pixels = pixels.to(device)
+        pixels, maps, device = self.prepare(model, pixels, maps)
         b, _, h, w = pixels.shape
-        maps = as_map_batch(maps, b).to(device)
         if not torch.isfinite(maps).all():
             raise ValueError("maps contain NaN or inf values")
         norm = normalisation(model, self.mean, self.std, "ROAD imputation (unit RGB)")
@@ -228,17 +221,6 @@ class ROADMetric(Metric):
     def reduce(self, curve: PerturbationCurve) -> Float[Tensor, " batch"]:
         """The mean score over the fractions."""
         return curve.scores.mean(dim=1)
-
-    def __call__(
-        self,
-        model: Model,
-        pixels: Float[Tensor, "batch chan H W"],
-        maps: Float[Tensor, "batch h w"],
-        targets: Target = None,
-        masks: Bool[Tensor, "batch H W"] | None = None,
-    ) -> Float[Tensor, " batch"]:
-        """One value per image (on the CPU); `masks` is ignored."""
-        return self.reduce(self.curve(model, pixels, maps, targets))
 
 
 class ROADMoRF(ROADMetric):

@@ -35,22 +35,20 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from caap.metrics.base import (
+    CurveMetric,
     Interpolation,
-    Metric,
     Model,
-    as_map_batch,
-    check_pixels,
+    PerturbationCurve,
     grid_for,
-    model_device,
     pool_maps_to_grid,
     resolve_patch_size,
 )
-from caap.metrics.faithfulness import PERTURBATION_SCORES, Mode, Order, PerturbationCurve, auc
+from caap.metrics.faithfulness import PERTURBATION_SCORES, Mode, Order, auc
 from caap.targets import Score, Target, check_classes, check_score, class_score, resolve_targets
 
 #: show a progress bar when a curve takes at least this many model calls (unless `progress` says otherwise)
@@ -166,7 +164,7 @@ _EMPTY_HELP = ("the model gave non-finite logits with no patch token kept: a mod
                "insertion's first point and token deletion's last are undefined for it")
 
 
-class TokenPerturbationMetric(Metric):
+class TokenPerturbationMetric(CurveMetric):
     """Token deletion / insertion (see the module docstring).
 
     Args:
@@ -230,13 +228,8 @@ class TokenPerturbationMetric(Metric):
     ) -> PerturbationCurve:
         """The curve behind the metric: fractions and per-image scores, on the CPU. `clean_logits`: the
         unperturbed logits, if known (they are the curve's every-patch-kept end)."""
-        if model is None:
-            raise ValueError(f"{type(self).__name__} is a faithfulness metric and needs the model")
+        pixels, maps, _ = self.prepare(model, pixels, maps)
         check_token_model(model)
-        pixels = check_pixels(pixels)
-        device = model_device(model, pixels.device)
-        pixels = pixels.to(device)
-        maps = as_map_batch(maps, pixels.shape[0]).to(device)
         size = (pixels.shape[-2], pixels.shape[-1])
         grid = grid_for(size, resolve_patch_size(model, self.patch_size))
         n = grid[0] * grid[1]
@@ -249,17 +242,6 @@ class TokenPerturbationMetric(Metric):
             self.progress, desc=self.name,
         )[self.score]
         return PerturbationCurve(fractions.float().cpu(), scores.float().cpu())
-
-    def __call__(
-        self,
-        model: Model,
-        pixels: Float[Tensor, "batch chan H W"],
-        maps: Float[Tensor, "batch h w"],
-        targets: Target = None,
-        masks: Bool[Tensor, "batch H W"] | None = None,
-    ) -> Float[Tensor, " batch"]:
-        """One value per image (on the CPU); `masks` is ignored."""
-        return self.reduce(self.curve(model, pixels, maps, targets))
 
     def group_key(self) -> Any:
         """Equal for token metrics that run the same sequences (`caap.metrics.Evaluator` shares them)."""
