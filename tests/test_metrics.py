@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from metric_closed_forms import partial_sums, sigmoid, trapz
 from torch import nn
 
 from caap.metrics import (
@@ -70,23 +71,6 @@ def setup():
     model = LinearModel(cell_weights(CONTRIB))
     pixels = torch.ones(1, 3, H, W)
     return model, pixels
-
-
-def trapz(y: list[float], x: list[float]) -> float:
-    return sum((x[i + 1] - x[i]) * (y[i] + y[i + 1]) / 2 for i in range(len(y) - 1))
-
-
-def partial_sums(values: torch.Tensor, descending: bool = True) -> list[float]:
-    """[0, s_1, s_1 + s_2, ...] over the values sorted."""
-    v = sorted(values.tolist(), reverse=descending)
-    out = [0.0]
-    for x in v:
-        out.append(out[-1] + x)
-    return out
-
-
-def sigmoid(x: float) -> float:
-    return 1 / (1 + math.exp(-x))
 
 
 def common(**kw):

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from metric_closed_forms import partial_sums, sigmoid, trapz
 from torch import nn
 
 from caap.metrics import (
@@ -66,22 +67,6 @@ class TokenSumModel(nn.Module):
 
 def image_of(contrib: torch.Tensor) -> torch.Tensor:
     return contrib.view(G, G).repeat_interleave(P, 0).repeat_interleave(P, 1).expand(1, 3, H, W).clone()
-
-
-def trapz(y: list[float], x: list[float]) -> float:
-    return sum((x[i + 1] - x[i]) * (y[i] + y[i + 1]) / 2 for i in range(len(y) - 1))
-
-
-def partial_sums(values: torch.Tensor, descending: bool = True) -> list[float]:
-    v = sorted(values.tolist(), reverse=descending)
-    out = [0.0]
-    for x in v:
-        out.append(out[-1] + x)
-    return out
-
-
-def sigmoid(x: float) -> float:
-    return 1 / (1 + math.exp(-x))
 
 
 # ---------------------------------------------------------------------------------------------- tokens
