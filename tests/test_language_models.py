@@ -297,3 +297,14 @@ def test_persuasion_prompt_pairs_align():
     assert len(disc) + len(held) == len(pairs) and not {q.text for q in disc.questions} & {q.text for q in held.questions}
     with pytest.raises(ValueError, match="longer than the model's context"):
         P.build_pairs(tok, questions[:3], n_ctx=20)
+
+
+def test_path_patching_to_shared_keys_or_values_is_refused(bridge, pair):
+    """Grouped-query attention: k and v belong to a group of query heads, so a k/v receiver is refused
+    (q receivers and the logits work)."""
+    clean, corrupt = pair
+    with pytest.raises(ValueError, match="n_key_value_heads=2"):
+        path_patch(bridge, clean, corrupt, _score(), senders=[(0, 1)], receivers=[(1, 0)], receiver_input="k",
+                   progress=False)
+    path_patch(bridge, clean, corrupt, _score(), senders=[(0, 1)], receivers=[(1, 0)], receiver_input="q",
+               progress=False)

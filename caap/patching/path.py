@@ -67,6 +67,13 @@ def path_patch(
     to_logits = isinstance(receivers, str)
     if to_logits and receivers != "logits":
         raise ValueError(f"receivers must be (layer, head) pairs or 'logits'; got {receivers!r}")
+    kv_heads = getattr(cfg, "n_key_value_heads", None)
+    if not to_logits and kv_heads and kv_heads != cfg.n_heads and any(k in ("k", "v") for k in kinds):
+        raise ValueError(
+            f"receiver_input {receiver_input!r}: this model shares keys and values between query heads "
+            f"(n_key_value_heads={kv_heads}, n_heads={cfg.n_heads}), so a receiver's k or v is not its own; "
+            f"path patching supports receiver_input='q' or receivers='logits' here"
+        )
     if not to_logits:
         receivers = list(receivers)
         if not receivers:
