@@ -137,11 +137,12 @@ def check_new_outputs(paths: list[Path], force: bool) -> None:
 
 
 def check_context(spec: str) -> None:
-    from caap.contexts import CONTEXT_NAMES
+    from caap.contexts import check_context_spec
 
-    if spec not in CONTEXT_NAMES and not os.path.isfile(spec):
-        raise CLIError(f"unknown context {spec!r}: not a context name and not an image file; accepted: "
-                       f"{', '.join(CONTEXT_NAMES)}, or an image file")
+    try:
+        check_context_spec(spec)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
 
 
 def architecture(name: str, checkpoint: str | None) -> tuple[Any, dict[str, Any]]:

@@ -35,8 +35,6 @@ from caap.patching.engine import Context, InputContext, ResidContext
 from hooked_vit import HookedViT, act_name
 from hooked_vit.preprocess import gaussian_blur, normalize
 
-CONTEXT_NAMES = ("mean", "grey", "black", "blur", "noise", "zero")
-
 
 class NeutralContext(ABC):
     """A neutral target context, not yet tied to a model or images.
@@ -266,6 +264,22 @@ CONTEXT_MAKERS: dict[str, Callable[..., NeutralContext]] = {
 }
 
 
+CONTEXT_NAMES: tuple[str, ...] = tuple(CONTEXT_MAKERS)
+
+
+def check_context_spec(spec: str | os.PathLike) -> None:
+    """A string context must be one of `CONTEXT_NAMES` (a name wins over a file of that name) or an
+    existing image file; anything else is a ValueError that lists what is accepted. The command line
+    calls this before it loads a model; `get_context` calls it too."""
+    if isinstance(spec, str) and spec in CONTEXT_MAKERS:
+        return
+    if not os.path.isfile(spec):
+        raise ValueError(
+            f"unknown context {os.fspath(spec)!r}: not a context name and not an image file; accepted: "
+            f"{', '.join(CONTEXT_NAMES)}, an image file, or a pixel tensor [1, 3, H, W]"
+        )
+
+
 def get_context(
     spec: str | os.PathLike | NeutralContext | Tensor | Any, model: HookedViT, reference: Any = None, seed: int = 0
 ) -> NeutralContext:
@@ -277,13 +291,10 @@ def get_context(
     it). Any other string must be an existing image file."""
     if isinstance(spec, NeutralContext):
         return spec
-    if isinstance(spec, str) and spec in CONTEXT_MAKERS:
-        return CONTEXT_MAKERS[spec](model, reference, seed)
-    if isinstance(spec, (str, os.PathLike)) and not os.path.isfile(spec):
-        raise ValueError(
-            f"unknown context {os.fspath(spec)!r}: not a context name and not an image file; accepted: "
-            f"{', '.join(CONTEXT_NAMES)}, an image file, or a pixel tensor [1, 3, H, W]"
-        )
+    if isinstance(spec, (str, os.PathLike)):
+        check_context_spec(spec)
+        if isinstance(spec, str) and spec in CONTEXT_MAKERS:
+            return CONTEXT_MAKERS[spec](model, reference, seed)
     if isinstance(spec, Tensor) and spec.ndim == 4:
         if spec.shape[0] != 1:
             raise ValueError(f"a context pixel tensor must be [1, 3, H, W], got {tuple(spec.shape)}")
