@@ -303,30 +303,40 @@ def _row_base(item: Item) -> dict[str, Any]:
     return {"image_id": item.image_id, "path": item.path, "label": item.label}
 
 
-def failed_row(item: Item, error: BaseException | str) -> dict[str, Any]:
-    reason = error if isinstance(error, str) else f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+def failed_row(item: Item, reason: str) -> dict[str, Any]:
     return {**_row_base(item), "status": "failed", "error": reason, "predicted": None, "target": None,
             "context_score": None, "map": None, "grid_h": None, "grid_w": None, "seconds": None}
 
 
-def _read(item: Item, data_config: dict[str, Any]) -> Any:
+def _reason(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def read_pixels(item: Item, data_config: dict[str, Any]) -> tuple[Any, str]:
+    """(pixels [3, H, W] as a numpy array, "") or (None, why the image cannot be read): both paths' reading."""
     from hooked_vit.preprocess import preprocess
 
-    return preprocess(item.path, data_config)[0].numpy()
+    try:
+        return preprocess(item.path, data_config)[0].numpy(), ""
+    except (OSError, ValueError, TypeError) as e:
+        return None, _reason(e)
+
+
+def explain_or_fail(explainer: Explainer, item: Item, pixels: Any, error: str) -> dict[str, Any]:
+    """The row of one image in both paths: a failed row where it could not be read or explained."""
+    if error:
+        return failed_row(item, error)
+    try:
+        return explainer(item, pixels)
+    except (ValueError, RuntimeError) as e:  # e.g. an image size this model does not take
+        return failed_row(item, _reason(e))
 
 
 def _explain_local(items: list[Item], settings: DatasetSettings, data_config: dict[str, Any]) -> Iterator[dict[str, Any]]:
     explainer = Explainer(settings)
     for item in items:
-        try:
-            pixels = _read(item, data_config)
-        except (OSError, ValueError, TypeError) as e:
-            yield failed_row(item, e)
-            continue
-        try:
-            yield explainer(item, pixels)
-        except (ValueError, RuntimeError) as e:  # e.g. an image size this model does not take
-            yield failed_row(item, e)
+        yield explain_or_fail(explainer, item, *read_pixels(item, data_config))
 
 
 # ------------------------------------------------------------------------------------------------- Ray
@@ -365,22 +375,14 @@ class _RayExplainer:
         for i in range(len(batch["image_id"])):
             item = Item(str(batch["image_id"][i]), str(batch["path"][i]),
                         None if batch["label"][i] is None or batch["label"][i] < 0 else int(batch["label"][i]))
-            if batch["error"][i]:
-                rows.append(failed_row(item, str(batch["error"][i])))
-                continue
-            try:
-                rows.append(self.explainer(item, batch["pixels"][i]))
-            except (ValueError, RuntimeError) as e:
-                rows.append(failed_row(item, e))
+            rows.append(explain_or_fail(self.explainer, item, batch["pixels"][i], str(batch["error"][i])))
         return {"row": [json.dumps(r) for r in rows]}
 
 
 def _ray_read(row: dict[str, Any], data_config: dict[str, Any]) -> dict[str, Any]:
     item = Item(row["image_id"], row["path"], None if row["label"] < 0 else row["label"])
-    try:
-        return {**row, "pixels": _read(item, data_config), "error": ""}
-    except (OSError, ValueError, TypeError) as e:
-        return {**row, "pixels": None, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    pixels, error = read_pixels(item, data_config)
+    return {**row, "pixels": pixels, "error": error}
 
 
 def _explain_ray(
