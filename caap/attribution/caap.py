@@ -145,10 +145,13 @@ class CAAP(AttributionMethod):
         patched): what `score="logit_diff"` subtracts, and how much evidence the context alone carries."""
         check_pixels(pixels)
         k = resolve_targets(self.model, pixels, target).view(-1, 1)
-        context = self.context.bind(self.model, pixels)
         with self._autocast(pixels):
-            return unpatched_scores(self.model, context, lambda logits, pair: class_score(logits, k[pair]),
-                                    pixels.shape[0], self.layers[0])[:, 0]
+            return self._context_scores(self.context.bind(self.model, pixels), k)[:, 0]
+
+    def _context_scores(self, context: Any, k: Int[Tensor, "batch k"]) -> Float[Tensor, "batch k"]:
+        """The target logits of the unpatched context runs (one pass from block `start`)."""
+        return unpatched_scores(self.model, context, lambda logits, pair: class_score(logits, k[pair]), k.shape[0],
+                                self.layers[0])
 
     def _autocast(self, pixels: Tensor) -> torch.autocast:
         return torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
@@ -180,7 +183,7 @@ class CAAP(AttributionMethod):
         k = targets
         context_score = None
         if self.score == "logit_diff":  # the unpatched context's score, once per image
-            context_score = unpatched_scores(model, context, lambda logits, pair: class_score(logits, k[pair]), b, start)
+            context_score = self._context_scores(context, k)
 
         def score_fn(logits: Tensor, pair: Tensor) -> Tensor:
             return class_score(logits, k[pair], self.score, None if context_score is None else context_score[pair])
