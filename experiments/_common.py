@@ -9,6 +9,8 @@ on `sys.path` (they are run as `python experiments/<script>.py`, or imported by 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import json
 import math
 import sys
@@ -22,6 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from caap import CAAP
+from caap.attribution.caap import DEFAULT_LAYER_FRACTIONS
+from caap.baselines import BASELINES
 from caap.cli import positive_int
 from caap.cpu import keep_freed_memory
 from caap.data import VAL_BOXES, Sample, box_mask, load_manifest, sample_mask, shared_data_dir
@@ -175,11 +180,13 @@ images, idle); the averaging noise grows as 1/sqrt(n). `--smoothgrad-samples` se
 
 def method_settings(
     forward_batch: int, seed: int, rise_masks: int = RISE_MASKS, ig_steps: int = IG_STEPS,
-    smoothgrad_samples: int = SMOOTHGRAD_SAMPLES,
+    smoothgrad_samples: int = SMOOTHGRAD_SAMPLES, tis_masks: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Constructor settings per method: only the cost knobs differ from the classes' defaults (see the
-    constants above), plus the rows per forward pass and the seed."""
+    constants above), plus the rows per forward pass and the seed (`tis_masks`: TIS's masks, None = its
+    paper's 1024)."""
     fb = forward_batch
+    tis = {} if tis_masks is None else {"n_masks": tis_masks}
     return {
         "caap": {},  # CAAP(model): its defaults, nothing else
         "random": {"seed": seed},
@@ -189,11 +196,26 @@ def method_settings(
         "occlusion": {"internal_batch_size": fb},
         "atman": {"internal_batch_size": fb},
         # issue 11's baselines: the papers' settings (see each class); only rows per pass and the seed
-        "tis": {"seed": seed, "internal_batch_size": fb},
+        "tis": {"seed": seed, "internal_batch_size": fb, **tis},
         "vit_cx": {"seed": seed, "internal_batch_size": fb},
         "beyond_intuition_head": {"internal_batch_size": fb},
         "beyond_intuition_token": {"internal_batch_size": fb},
     }
+
+
+def method_tag(name: str, settings: dict[str, dict[str, Any]]) -> str:
+    """A method's cache name: its name and a fingerprint of everything that changes its maps (the class's
+    constructor defaults, overridden by `settings[name]` from `method_settings`; for CAAP also its default
+    layer fractions), so a changed setting or default computes new maps instead of reusing stale ones."""
+    cls = CAAP if name == "caap" else BASELINES[name]
+    spec = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()
+            if v.default is not inspect.Parameter.empty}
+    spec.update(settings.get(name, {}))
+    spec = {k: v for k, v in spec.items() if k not in ("internal_batch_size", "batch_size", "progress")}
+    if name == "caap":
+        spec["default_layer_fractions"] = DEFAULT_LAYER_FRACTIONS
+    digest = hashlib.sha1(json.dumps(spec, sort_keys=True, default=repr).encode()).hexdigest()[:8]
+    return f"{name}-{digest}"
 
 
 def named_ranges(n_layers: int) -> dict[str, tuple[int, int]]:

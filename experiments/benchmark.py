@@ -66,8 +66,6 @@ A later `--estimate 4` on an idle machine measured less: 5.3 h for the full prot
 from __future__ import annotations
 
 import csv
-import hashlib
-import inspect
 import json
 import sys
 import time
@@ -98,6 +96,7 @@ from _common import (
     load_samples,
     markdown_table,
     method_settings,
+    method_tag,
     metric_key,
     positive,
     run_main,
@@ -109,7 +108,7 @@ from _common import (
 )
 from caap import CAAP
 from caap.attribution import AttributionMethod
-from caap.attribution.caap import DEFAULT_CONTEXT, DEFAULT_LAYER_FRACTIONS, default_layers
+from caap.attribution.caap import DEFAULT_CONTEXT, default_layers
 from caap.baselines import BASELINES, get_baseline
 from caap.data import DEFAULT_MODEL, class_name
 from caap.metrics import METRICS, Evaluator, Metric
@@ -122,26 +121,9 @@ PROG = "benchmark"
 METHODS = ["caap", *BASELINES]
 
 def settings_of(args: Any) -> dict[str, dict[str, Any]]:
-    """`method_settings` with this run's flags (`--tis-masks`: TIS's masks, default its paper's 1024)."""
-    settings = method_settings(args.forward_batch, args.seed, args.rise_masks, args.ig_steps, args.smoothgrad_samples)
-    if getattr(args, "tis_masks", None) is not None:
-        settings["tis"] = {**settings.get("tis", {}), "n_masks": args.tis_masks}
-    return settings
-
-
-def method_tag(name: str, args: Any) -> str:
-    """The method's cache folder: its name and a fingerprint of everything that changes its maps (the
-    class's constructor defaults, overridden by `method_settings`; for CAAP also its default layer
-    fractions), so a changed setting or default computes new maps instead of reusing stale ones."""
-    cls = CAAP if name == "caap" else BASELINES[name]
-    spec = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()
-            if v.default is not inspect.Parameter.empty}
-    spec.update(settings_of(args).get(name, {}))
-    spec = {k: v for k, v in spec.items() if k not in ("internal_batch_size", "batch_size", "progress")}
-    if name == "caap":
-        spec["default_layer_fractions"] = DEFAULT_LAYER_FRACTIONS
-    digest = hashlib.sha1(json.dumps(spec, sort_keys=True, default=repr).encode()).hexdigest()[:8]
-    return f"{name}-{digest}"
+    """`method_settings` with this run's flags."""
+    return method_settings(args.forward_batch, args.seed, args.rise_masks, args.ig_steps, args.smoothgrad_samples,
+                           getattr(args, "tis_masks", None))
 
 
 def make_method(name: str, model: Any, args: Any) -> AttributionMethod:
@@ -256,7 +238,7 @@ def run_model(model: Any, name: str, methods: list[str], metrics: dict[str, Metr
 
         for method in methods:
             bar.set_postfix_str(f"{method} images {chunk.tag}")
-            tag = method_tag(method, args)
+            tag = method_tag(method, settings_of(args))
             path = cache / "maps" / tag / f"{args.split}_{chunk.tag}.npz"
             hit = load_cached_maps(path, chunk.files)
             if hit is None:

@@ -37,13 +37,16 @@ from _common import (
     load_samples,
     markdown_table,
     method_settings,
+    method_tag,
     positive,
     run_main,
+    safe_name,
     split_list,
 )
 from caap import CAAP
 from caap.baselines import BASELINES, get_baseline
 from caap.data import DEFAULT_MODEL
+from caap.files import atomic_path
 from caap.metrics.sanity import SANITY_THRESHOLD, EdgeDetector, RandomisationResult, cascading_randomisation
 from caap.models import load_model
 from caap.stats import mean_ci
@@ -54,13 +57,50 @@ DEFAULT_METHODS = ["caap", "random", "rollout", "gae", "attention_gradcam", "gra
                    "integrated_gradients", "smoothgrad", "edge"]
 
 
+def settings_of(args: Any) -> dict[str, dict[str, Any]]:
+    return method_settings(args.forward_batch, args.seed, RISE_MASKS, args.ig_steps, args.smoothgrad_samples,
+                           args.tis_masks)
+
+
 def factory(name: str, args: Any) -> Any:
-    kw = method_settings(args.forward_batch, args.seed, RISE_MASKS, args.ig_steps, args.smoothgrad_samples).get(name, {})
+    kw = settings_of(args).get(name, {})
     if name == "edge":
         return EdgeDetector
     if name == "caap":
         return lambda m: CAAP(m, **kw)
     return lambda m: get_baseline(name, m, **kw)
+
+
+def cache_file(out: Path, name: str, args: Any) -> Path:
+    """Where one method's result is kept: named by `method_tag` (the method's settings), the model and the
+    run's seed; `load_result` also checks the images."""
+    tag = "edge" if name == "edge" else method_tag(name, settings_of(args))
+    return out / "cache" / safe_name(f"{args.model}-seed{args.seed}-{tag}.npz")
+
+
+def load_result(path: Path, files: list[str], threshold: float) -> tuple[RandomisationResult, float] | None:
+    """(result, seconds) saved by `save_result` for exactly these images; None if absent or unreadable (a file
+    cut short by an interrupted run is computed again)."""
+    if not path.is_file():
+        return None
+    try:
+        d = np.load(path, allow_pickle=False)
+        if [str(f) for f in d["files"]] != files:
+            return None
+        result = RandomisationResult([str(s) for s in d["stages"]], torch.from_numpy(d["maps"]),
+                                     torch.from_numpy(d["spearman"]), torch.from_numpy(d["spearman_abs"]),
+                                     threshold, torch.from_numpy(d["targets"]))
+        return result, float(d["seconds"])
+    except Exception:
+        return None
+
+
+def save_result(path: Path, files: list[str], result: RandomisationResult, seconds: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        np.savez_compressed(tmp, files=np.array(files), stages=np.array(result.stages), maps=result.maps.numpy(),
+                            spearman=result.spearman.numpy(), spearman_abs=result.spearman_abs.numpy(),
+                            targets=result.targets.cpu().numpy(), seconds=seconds)
 
 
 def table_stages(stages: list[str]) -> list[str]:
@@ -76,7 +116,6 @@ def write_plots(results: dict[str, RandomisationResult], out: Path, title: str) 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from caap.files import atomic_path
     from caap.plots import save_html
 
     stages = next(iter(results.values())).stages
@@ -130,6 +169,8 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--ig-steps", type=positive, default=IG_STEPS, help=f"IG steps (default {IG_STEPS})")
     p.add_argument("--smoothgrad-samples", type=positive, default=SMOOTHGRAD_SAMPLES,
                    help=f"SmoothGrad samples (default {SMOOTHGRAD_SAMPLES})")
+    p.add_argument("--tis-masks", type=positive, default=None,
+                   help="TIS's masks (default: its paper's 1024; the benchmark's tables used 128)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--out", default="results/sanity", help="output folder (default results/sanity)")
     args = p.parse_args(argv)
@@ -146,12 +187,17 @@ def _main(argv: list[str] | None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, RandomisationResult] = {}
     seconds: dict[str, float] = {}
-    for name in methods:
-        t0 = time.perf_counter()
-        torch.manual_seed(args.seed)
-        results[name] = cascading_randomisation(model, factory(name, args), chunk.pixels, chunk.targets,
-                                                seed=args.seed, threshold=args.threshold)
-        seconds[name] = time.perf_counter() - t0
+    for name in methods:  # each method's result is kept as soon as it is done: a stopped run resumes
+        path = cache_file(out, name, args)
+        cached = load_result(path, chunk.files, args.threshold)
+        if cached is None:
+            t0 = time.perf_counter()
+            torch.manual_seed(args.seed)
+            result = cascading_randomisation(model, factory(name, args), chunk.pixels, chunk.targets,
+                                             seed=args.seed, threshold=args.threshold)
+            cached = result, time.perf_counter() - t0
+            save_result(path, chunk.files, *cached)
+        results[name], seconds[name] = cached
         r = results[name]
         print(f"{name}: min mean similarity {float(np.nanmin(r.stage_means[1:].numpy())):.3f}"
               f"{'  FLAGGED' if r.flagged else ''} ({seconds[name]:.0f} s)", flush=True)
@@ -184,10 +230,12 @@ def _main(argv: list[str] | None) -> int:
          f"one with its map on the trained model, max(Spearman of the maps, Spearman of their absolute values), "
          f"mean ± 95% interval (Student t) over the images. Flagged: the mean stays >= {args.threshold} at every "
          f"stage (the map does not follow the model). All {len(stages) - 1} stages in sanity.csv / sanity.png. "
-         f"s: seconds for all stages."), "",
+         f"s: seconds for all stages (as first computed: results are kept per method in "
+         f"cache/ and reused)."), "",
         (f"Command: `python experiments/sanity.py --limit {args.limit} --methods {','.join(methods)} "
         f"--threshold {args.threshold} --seed {args.seed} --ig-steps {args.ig_steps} "
-        f"--smoothgrad-samples {args.smoothgrad_samples}`"),
+        f"--smoothgrad-samples {args.smoothgrad_samples}"
+        f"{'' if args.tis_masks is None else f' --tis-masks {args.tis_masks}'}`"),
     ])
     (out / "sanity.md").write_text(text + "\n")
     write_plots(results, out, f"Cascading randomisation ({n} {args.split} photos, {args.model.split('.')[0]})")

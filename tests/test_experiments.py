@@ -142,7 +142,7 @@ def test_benchmark_writes_every_output(bench_out, capsys):
     assert "plotly" in (bench_out / "bars.html").read_text()[:5_000_000]
     grid = Image.open(bench_out / f"examples_{NAME}.png")
     assert grid.size[0] > 2 * 224 and grid.size[1] > 3 * 224  # 2 images across, 3 methods down
-    tag = benchmark.method_tag("caap", benchmark.parse_args([]))
+    tag = common.method_tag("caap", benchmark.settings_of(benchmark.parse_args([])))
     maps = sorted((bench_out / "cache" / NAME / "maps" / tag).glob("*.npz"))
     assert [p.name for p in maps] == ["dev_00000-00002.npz", "dev_00002-00003.npz"]
 
@@ -234,6 +234,21 @@ def test_sanity_script_flags_the_model_free_maps(world, tmp_path, capsys):
     assert "Cascading randomisation" in capsys.readouterr().out
 
 
+def test_sanity_script_resumes_from_its_cache(world, tmp_path, monkeypatch):
+    out = tmp_path / "sanity"
+    flags = [*_common_flags(world), "--methods", "random,gae", "--out", str(out)]
+    assert sanity.main(flags) == 0
+    first = (out / "sanity.csv").read_text()
+    gae = next(p for p in (out / "cache").iterdir() if "-gae-" in p.name)
+    gae.write_bytes(gae.read_bytes()[:100])  # a file cut short: computed again
+    calls = []
+    real = sanity.cascading_randomisation
+    monkeypatch.setattr(sanity, "cascading_randomisation", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert sanity.main(flags) == 0
+    assert len(calls) == 1 and (out / "sanity.csv").read_text() == first  # random reused, gae recomputed
+    assert sanity.main([*flags, "--seed", "1"]) == 0 and len(calls) == 3  # another seed: nothing reused
+
+
 def test_metric_steps_script(world, tmp_path, monkeypatch, capsys):
     out = tmp_path / "steps"
     flags = [*_common_flags(world), "--methods", "random", "--steps", "7,16", "--out", str(out), "--batch-size", "2"]
@@ -321,10 +336,10 @@ def test_ablation_ranks_caap_against_baselines(world, bench_out, tmp_path, capsy
 def test_map_caches_are_keyed_by_the_method_settings():
     args = benchmark.parse_args([])
     fewer = benchmark.parse_args(["--rise-masks", "8"])
-    tags = {benchmark.method_tag("rise", args), benchmark.method_tag("rise", fewer)}
+    tags = {common.method_tag("rise", benchmark.settings_of(a)) for a in (args, fewer)}
     assert len(tags) == 2 and all(t.startswith("rise-") for t in tags)
     speed_only = benchmark.parse_args(["--forward-batch", "8"])
-    assert benchmark.method_tag("caap", args) == benchmark.method_tag("caap", speed_only)
+    assert common.method_tag("caap", benchmark.settings_of(args)) == common.method_tag("caap", benchmark.settings_of(speed_only))
 
 
 def test_ablation_cache_names_follow_caap_defaults(tmp_path):
