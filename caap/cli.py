@@ -282,7 +282,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_explain_dataset(args: argparse.Namespace) -> None:
-    from caap.dataset import DatasetSettings, check_ray_address, explain_dataset, list_items
+    from caap.dataset import DatasetSettings, check_ray_address, plan_dataset
 
     if not os.path.exists(args.source):
         raise CLIError(f"no such folder or file: {args.source}")
@@ -305,15 +305,14 @@ def cmd_explain_dataset(args: argparse.Namespace) -> None:
                 check_ray_address(args.ray_address)
             except ValueError as e:
                 raise CLIError(str(e)) from None
-    try:
-        list_items(args.source, split=args.split, limit=args.limit)  # a bad source or split fails here, at once
+    try:  # a bad source, split or output fails here, at once, before any work
         settings = DatasetSettings(model=args.model, checkpoint=args.checkpoint, layers=layers, context=args.context,
                                    score=args.score, target=target, precision=args.precision, device=args.device)
+        job = plan_dataset(args.source, args.out, settings, split=args.split, limit=args.limit)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
-    summary = explain_dataset(args.source, args.out, settings, split=args.split, limit=args.limit,
-                              shard_size=args.shard_size, ray=bool(args.ray or args.ray_address),
-                              ray_address=args.ray_address, workers=args.workers)
+    summary = job.run(shard_size=args.shard_size, ray=bool(args.ray or args.ray_address),
+                      ray_address=args.ray_address, workers=args.workers)
     rate = f", {summary['images_per_second']} images/s" if summary["images_per_second"] else ""
     print(f"{summary['explained']} explained, {summary['failed']} failed, {summary['already_done']} already done "
           f"({summary['non_image_files']} non-image files skipped){rate} -> {summary['folder']}")

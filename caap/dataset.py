@@ -44,11 +44,13 @@ from typing import Any
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "DatasetJob",
     "DatasetSettings",
     "Item",
     "ShardStore",
     "explain_dataset",
     "list_items",
+    "plan_dataset",
     "read_results",
 ]
 
@@ -414,6 +416,78 @@ def _explain_ray(
 
 
 # ------------------------------------------------------------------------------------------------- driver
+@dataclass
+class DatasetJob:
+    """A dataset run, checked and planned before any image is explained (`plan_dataset`): the images,
+    the non-image files skipped, the shard store of these settings and the images still to do."""
+
+    settings: DatasetSettings
+    items: list[Item]
+    non_images: int
+    store: ShardStore
+    pending: list[Item]
+    data_config: dict[str, Any]
+
+    def run(self, shard_size: int = 32, ray: bool = False, ray_address: str | None = None, workers: int = 1,
+            progress: bool = True) -> dict[str, Any]:
+        """Explain the pending images, a shard every `shard_size` rows (see the module docstring); returns
+        a summary: the settings folder, images explained / skipped as done / failed / non-image files,
+        shards written, seconds, images per second."""
+        from tqdm.auto import tqdm
+
+        if shard_size < 1 or workers < 1:
+            raise ValueError(f"shard_size and workers must be at least 1, got {shard_size} and {workers}")
+        pending, store = self.pending, self.store
+        rows: list[dict[str, Any]] = []
+        counts = {"ok": 0, "failed": 0}
+        written: list[Path] = []
+        t0 = time.perf_counter()
+        stream: Iterable[dict[str, Any]] = (
+            _explain_ray(pending, self.settings, self.data_config, workers, ray_address) if ray and pending
+            else _explain_local(pending, self.settings, self.data_config) if pending else []
+        )
+        bar = tqdm(total=len(pending), desc="explain-dataset", unit="img", disable=not progress)
+        try:
+            for row in stream:
+                rows.append(row)
+                counts[row["status"]] += 1
+                bar.update(1)
+                if len(rows) >= shard_size:
+                    written.append(store.write(rows))
+                    rows = []
+        finally:  # an interrupted run keeps every complete row it computed
+            if rows:
+                written.append(store.write(rows))
+            bar.close()
+        seconds = time.perf_counter() - t0
+        return {
+            "folder": str(store.folder), "settings_hash": store.hash, "images": len(self.items),
+            "explained": counts["ok"], "failed": counts["failed"], "already_done": len(self.items) - len(pending),
+            "non_image_files": self.non_images, "shards_written": len(written), "seconds": round(seconds, 2),
+            "images_per_second": round(len(pending) / seconds, 3) if pending and seconds > 0 else None,
+        }
+
+
+def plan_dataset(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    settings: DatasetSettings,
+    split: str | None = None,
+    limit: int | None = None,
+    retry_failed: bool = False,
+) -> DatasetJob:
+    """List `source` (`list_items`), open the shard store of these settings under `out` and find what is
+    left to do; raises ValueError / FileNotFoundError on a bad source, split or output before any work."""
+    from caap.models import model_config
+
+    items, non_images = list_items(source, split=split, limit=limit)
+    _, data_config = model_config(settings.model)
+    store = ShardStore(out, settings.resolved())
+    done = store.done(retry_failed=retry_failed)
+    pending = [i for i in items if i.image_id not in done]
+    return DatasetJob(settings, items, non_images, store, pending, data_config)
+
+
 def explain_dataset(
     source: str | os.PathLike,
     out: str | os.PathLike,
@@ -427,45 +501,7 @@ def explain_dataset(
     retry_failed: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Explain every image of `source` not yet in `out` (see the module docstring); returns a summary:
-    the settings folder, images explained / skipped as done / failed / non-image files, shards written,
-    seconds, images per second."""
-    from tqdm.auto import tqdm
-
-    from caap.models import model_config
-
-    if shard_size < 1 or workers < 1:
-        raise ValueError(f"shard_size and workers must be at least 1, got {shard_size} and {workers}")
-    items, non_images = list_items(source, split=split, limit=limit)
-    _, data_config = model_config(settings.model)
-    store = ShardStore(out, settings.resolved())
-    done = store.done(retry_failed=retry_failed)
-    pending = [i for i in items if i.image_id not in done]
-    rows: list[dict[str, Any]] = []
-    counts = {"ok": 0, "failed": 0}
-    written: list[Path] = []
-    t0 = time.perf_counter()
-    stream: Iterable[dict[str, Any]] = (
-        _explain_ray(pending, settings, data_config, workers, ray_address) if ray and pending
-        else _explain_local(pending, settings, data_config) if pending else []
-    )
-    bar = tqdm(total=len(pending), desc="explain-dataset", unit="img", disable=not progress)
-    try:
-        for row in stream:
-            rows.append(row)
-            counts[row["status"]] += 1
-            bar.update(1)
-            if len(rows) >= shard_size:
-                written.append(store.write(rows))
-                rows = []
-    finally:  # an interrupted run keeps every complete row it computed
-        if rows:
-            written.append(store.write(rows))
-        bar.close()
-    seconds = time.perf_counter() - t0
-    return {
-        "folder": str(store.folder), "settings_hash": store.hash, "images": len(items), "explained": counts["ok"],
-        "failed": counts["failed"], "already_done": len(items) - len(pending), "non_image_files": non_images,
-        "shards_written": len(written), "seconds": round(seconds, 2),
-        "images_per_second": round(len(pending) / seconds, 3) if pending and seconds > 0 else None,
-    }
+    """Explain every image of `source` not yet in `out` (see the module docstring):
+    `plan_dataset(...).run(...)`; returns the summary of `DatasetJob.run`."""
+    job = plan_dataset(source, out, settings, split=split, limit=limit, retry_failed=retry_failed)
+    return job.run(shard_size=shard_size, ray=ray, ray_address=ray_address, workers=workers, progress=progress)
