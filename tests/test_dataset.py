@@ -157,13 +157,24 @@ def test_ray_data_path_equals_the_local_path(checkpoint, tmp_path):
     (["--ray-address", "nonsense"], "HOST:PORT", 2),
     (["--split", "dev"], "needs a manifest folder", 2),
     (["--layers", "3:99"], "not a valid range", 2),
+    (["--out", "{photos}/img0.png"], "must be a folder", 2),
 ])
 def test_bad_input_is_one_line(checkpoint, tmp_path, capsys, extra, message, code):
     photos = _photos(tmp_path / "photos", 1)
     got = main(["explain-dataset", str(photos), "--out", str(tmp_path / "out"), "--model", NAME,
-                "--checkpoint", str(checkpoint), *extra])
+                "--checkpoint", str(checkpoint), *(e.format(photos=photos) for e in extra)])
     err = capsys.readouterr().err.strip().splitlines()
     assert got == code and len(err) == 1 and message in err[0], err
+
+
+def test_plan_refuses_a_bad_shard_size_before_any_work(checkpoint, tmp_path):
+    from caap.dataset import plan_dataset
+
+    job = plan_dataset(_photos(tmp_path / "photos", 2), tmp_path / "out", _settings(checkpoint))
+    assert [i.image_id for i in job.pending] == ["img0.png", "img1.png"] and job.non_images == 0
+    with pytest.raises(ValueError, match="at least 1"):
+        job.run(shard_size=0)
+    assert not job.store.shards()
 
 
 def test_ray_missing_is_a_clear_error(checkpoint, tmp_path, capsys, monkeypatch):
