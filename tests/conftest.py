@@ -9,6 +9,7 @@ fresh HookedViT each call, so tests may add hooks or change options on it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,26 @@ from hooked_vit import HookedViT
 
 # Small sizes for structure tests (what matters there is the architecture, not the width).
 SMALL = {"depth": 2, "embed_dim": 64, "num_heads": 2}
+
+
+def scramble(model: HookedViT, seed: int = 0, biases: bool = True) -> HookedViT:
+    """Random weights at a scale where attention is far from uniform and logits are O(1) (timm's init
+    gives near-uniform attention and near-zero logits, where every map is flat): the attribution tests'
+    models. LayerNorm weights and LayerScale near 1; `biases=False` zeroes every bias (linear layers,
+    convolution, LayerNorm shifts, head)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if "token" in name or "pos_embed" in name:
+                p.copy_(0.5 * r)
+            elif p.ndim >= 2:
+                p.copy_(r / math.sqrt(p[0].numel()))
+            elif name.endswith(".w") or "ls_gamma" in name:
+                p.copy_(1 + 0.1 * r)
+            else:
+                p.copy_(0.1 * r if biases else torch.zeros_like(r))
+    return model.eval()
 
 
 def perturb_(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -4,12 +4,12 @@ determinism, clean-up (hooks, parameter grads), and known answers where a method
 from __future__ import annotations
 
 import copy
-import math
 import re
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import scramble
 
 from caap.attribution.base import AttributionMethod
 from caap.baselines import (
@@ -49,24 +49,6 @@ SEEDED = ("random", "smoothgrad", "rise")
 PER_PATCH = ("occlusion", "atman")
 # the dynamic-size model at a small non-square size (a 4x6 grid), for tests that need many calls
 FAST_SIZE = (64, 96)
-
-
-def scramble(model: HookedViT, seed: int = 0) -> HookedViT:
-    """Random weights at a scale where attention is far from uniform and logits are O(1) (timm's init
-    gives near-uniform attention and near-zero logits, where every map is flat)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if "token" in name or "pos_embed" in name:
-                p.copy_(0.5 * r)
-            elif p.ndim >= 2:
-                p.copy_(r / math.sqrt(p[0].numel()))
-            elif name.endswith(".w"):
-                p.copy_(1 + 0.1 * r)
-            else:
-                p.copy_(0.1 * r)
-    return model.eval()
 
 
 MODEL_SPECS = {

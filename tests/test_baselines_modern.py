@@ -5,10 +5,9 @@ for them in tests/test_baselines.py."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from conftest import scramble
 
 from caap.baselines import (
     TIS,
@@ -32,24 +31,6 @@ SPECS = {
     "clip_prenorm": ("vit_base_patch32_clip_224", dict(depth=2, embed_dim=32, num_heads=2), (224, 224)),
     "layerscale": ("deit3_small_patch16_224", dict(depth=2, embed_dim=32, num_heads=2), (224, 224)),
 }
-
-
-def scramble(model: HookedViT, seed: int = 0, biases: bool = True) -> HookedViT:
-    """Random weights where attention is far from uniform and logits are O(1); `biases=False` zeroes every
-    bias (linear layers, convolution, LayerNorm shifts, head) but keeps LayerScale."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if "token" in name or "pos_embed" in name:
-                p.copy_(0.5 * r)
-            elif p.ndim >= 2:
-                p.copy_(r / math.sqrt(p[0].numel()))
-            elif name.endswith(".w") or "ls_gamma" in name:
-                p.copy_(1 + 0.1 * r)
-            else:
-                p.copy_(0.1 * r if biases else torch.zeros_like(r))
-    return model.eval()
 
 
 def make(key: str, seed: int = 0, biases: bool = True, **extra) -> tuple[HookedViT, tuple[int, int]]:
