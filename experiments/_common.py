@@ -341,6 +341,21 @@ def fmt(mean: float, half: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
+def write_text(path: Path, text: str) -> Path:
+    """Write `text` (ending in one newline) to `path` atomically, creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text.rstrip("\n") + "\n")
+    return path
+
+
+def write_report(path: Path, text: str) -> None:
+    """The scripts' ending: the markdown report written to `path` (`write_text`) and printed."""
+    write_text(path, text)
+    print()
+    print(text.rstrip("\n"))
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]

@@ -74,6 +74,7 @@ from _common import (
     save_maps,
     scores_for_chunk,
     split_list,
+    write_report,
 )
 from caap import CAAP
 from caap.attribution.caap import CAAP_COMPONENTS, DEFAULT_CONTEXT, default_layers
@@ -332,7 +333,6 @@ def _main(argv: list[str] | None) -> int:
                if k in ("split", "limit", "contexts", "ranges", "components", "metrics", "steps", "aopc_steps", "seed",
                         "baselines_csv" if args.baselines_csv else "baselines") and v is not None) + "`"]
     text = "\n".join(md) + "\n"
-    (out / "ablation.md").write_text(text)
     with open(out / "ablation.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -345,8 +345,7 @@ def _main(argv: list[str] | None) -> int:
             for j, s in enumerate(samples):
                 w.writerow([s.name, comp, ctx, rng, f"{a}-{b}", *(vals[mt][j] for mt in metrics)])
     write_plots(rows, metrics, contexts, ranges, components, named, out, args, n)
-    print()
-    print(text)
+    write_report(out / "ablation.md", text)
     return 0
 
 

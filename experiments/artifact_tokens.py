@@ -51,6 +51,7 @@ from _common import (
     run_main,
     save_maps,
     split_list,
+    write_report,
 )
 from caap import CAAP
 from caap.contexts import CONTEXT_NAMES, get_context
@@ -214,7 +215,6 @@ def _main(argv: list[str] | None) -> int:
     ])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "artifact_tokens.md").write_text(text + "\n")
     with open(out / "artifact_tokens.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "artifact_patches", "artifact_ratios", "neighbourhood_share", *(f"top5 {m}" for m in methods)])
@@ -222,7 +222,7 @@ def _main(argv: list[str] | None) -> int:
             idx = np.flatnonzero(art[j])
             w.writerow([s.name, " ".join(map(str, idx)), " ".join(f"{ratios[j, i]:.1f}" for i in idx),
                         f"{chance[j]:.4f}", *(" ".join(map(str, top5s[m][j])) for m in methods)])
-    print(text)
+    write_report(out / "artifact_tokens.md", text)
     return 0
 
 

@@ -105,6 +105,7 @@ from _common import (
     scores_for_chunk,
     seconds_text,
     split_list,
+    write_text,
 )
 from caap import CAAP
 from caap.attribution import AttributionMethod
@@ -346,7 +347,7 @@ def write_outputs(rows: list[dict[str, Any]], grids: dict[str, Any], models: lis
     from caap.plots import bar_chart, save_bar_png, save_grid_png, save_html
 
     write_csv(rows, out / "per_image.csv")
-    (out / "settings.json").write_text(json.dumps({
+    write_text(out / "settings.json", json.dumps({
         "split": args.split, "images": [s.name for s in samples], "target": "true class",
         "metrics": {k: metric_key(v) for k, v in metrics.items()},
         "methods": {k: v for k, v in settings.items() if k in methods},
@@ -374,7 +375,7 @@ def write_outputs(rows: list[dict[str, Any]], grids: dict[str, Any], models: lis
         "Command: `python experiments/benchmark.py " + " ".join(command_flags(args)) + "`",
     ]
     summary = "\n".join(parts) + "\n"
-    (out / "summary.md").write_text(summary)
+    write_text(out / "summary.md", summary)
 
     lines = [(f"# Runtime per image ({n} images, `{args.split}`, device {args.device}, "
              f"chunks of {args.batch_size} images, {args.forward_batch} rows per forward pass)"), ""]
@@ -393,7 +394,7 @@ def write_outputs(rows: list[dict[str, Any]], grids: dict[str, Any], models: lis
     lines.append("Maps: the attribution call alone (a chunk's time / its images), as first computed (cached "
                  "chunks keep the time they took). Metrics: all metrics of the method, sharing forward passes. "
                  "all: the sum over methods (reading the images and their one clean forward pass not included).")
-    (out / "runtime.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "runtime.md", "\n".join(lines))
 
     df = pd.DataFrame(rows)
     color = "model" if len(models) > 1 else None
@@ -540,8 +541,7 @@ def estimate(model: Any, name: str, methods: list[str], metrics: dict[str, Metri
         "",
         "Settings: " + " ".join(command_flags(args)),
     ])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "estimate.md").write_text(text + "\n")
+    write_text(out / "estimate.md", text)
     return text
 
 

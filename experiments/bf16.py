@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch import Tensor
 
-from _common import load_samples, positive
+from _common import load_samples, positive, write_report, write_text
 from caap import CAAP
 from caap.cpu import keep_freed_memory
 from caap.data import DEFAULT_MODEL, sample_mask
@@ -165,13 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['precision']} | {r['seconds_per_image']:.3f} | {r['speedup']:.2f}x | "
                      f"{r['spearman_mean']:.4f} / {r['spearman_min']:.4f} | {r['top_patch_same']:.2f} | "
                      f"{pg[0]:.3f} ± {pg[1]:.3f} | {dl[0]:.3f} ± {dl[1]:.3f} |")
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     name = f"bf16_{args.device.split(':')[0]}"
-    (out / f"{name}.md").write_text(text + "\n")
-    (out / f"{name}.json").write_text(json.dumps(rows, indent=2, default=float))
+    write_text(Path(args.out) / f"{name}.json", json.dumps(rows, indent=2, default=float))
+    write_report(Path(args.out) / f"{name}.md", "\n".join(lines))
     return 0
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from _common import named_ranges
+from _common import named_ranges, write_report
 from caap import CAAP
 from caap.contexts import get_context
 from caap.data import DEFAULT_MODEL, VAL_BOXES, load_manifest, sample_mask, shared_data_dir
@@ -116,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"Command: python experiments/caap_defaults.py --split {args.split} --limit {args.limit} "
                  f"--contexts {args.contexts} --ranges {args.ranges}" + (f" --name {args.name}" if args.name else ""))
     table = "\n".join(lines)
-    (out / f"{name}.md").write_text(table + "\n")
-    print()
-    print(table)
+    write_report(out / f"{name}.md", table)
     return 0
 
 

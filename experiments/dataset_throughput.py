@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 
-from _common import positive
+from _common import positive, write_report
 from caap.data import DEFAULT_MODEL, VAL_BOXES, shared_data_dir
 from caap.dataset import DatasetSettings, explain_dataset, read_results
 
@@ -61,11 +61,7 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|---|"]
     for name, n, seconds in rows:
         lines.append(f"| {name} | {n} | {seconds:.1f} | {n / seconds:.3f} | {base / seconds:.2f}x | {diff[name]:.1e} |")
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"throughput_{args.device.split(':')[0]}_{args.precision}.md").write_text(text + "\n")
+    write_report(Path(args.out) / f"throughput_{args.device.split(':')[0]}_{args.precision}.md", "\n".join(lines))
     return 0
 
 

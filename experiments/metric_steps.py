@@ -47,6 +47,7 @@ from _common import (
     positive,
     run_main,
     split_list,
+    write_report,
 )
 from caap import CAAP
 from caap.baselines import BASELINES, get_baseline
@@ -171,9 +172,7 @@ def _main(argv: list[str] | None) -> int:
         (f"Computed in {seconds:.0f} s (wall, the sum over chunks, on {args.device}; this machine's load varies: "
          "2 shared CPU cores)."),
     ])
-    (out / "metric_steps.md").write_text(text + "\n")
-    print()
-    print(text)
+    write_report(out / "metric_steps.md", text)
     return 0
 
 

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 
-from _common import OneLineParser, UsageError, markdown_table, run_main
+from _common import OneLineParser, UsageError, markdown_table, run_main, write_report
 from caap.metrics import METRICS
 from caap.stats import mean_ci
 
@@ -70,10 +70,7 @@ def _main(argv: list[str] | None) -> int:
          f"excludes 0), `-`: {args.b} better, `=`: the interval holds 0."), "",
         f"Command: `python experiments/range_pairs.py {args.csv} --a {args.a} --b {args.b}`",
     ]) + "\n"
-    out = Path(args.out) if args.out else path.parent
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "range_pairs.md").write_text(text)
-    print(text)
+    write_report((Path(args.out) if args.out else path.parent) / "range_pairs.md", text)
     return 0
 
 

@@ -42,6 +42,7 @@ from _common import (
     run_main,
     safe_name,
     split_list,
+    write_report,
 )
 from caap import CAAP
 from caap.baselines import BASELINES, get_baseline
@@ -237,10 +238,8 @@ def _main(argv: list[str] | None) -> int:
         f"--smoothgrad-samples {args.smoothgrad_samples}"
         f"{'' if args.tis_masks is None else f' --tis-masks {args.tis_masks}'}`"),
     ])
-    (out / "sanity.md").write_text(text + "\n")
     write_plots(results, out, f"Cascading randomisation ({n} {args.split} photos, {args.model.split('.')[0]})")
-    print()
-    print(text)
+    write_report(out / "sanity.md", text)
     print(f"Wrote {out / 'sanity.md'}, sanity.csv, sanity.png, sanity.html")
     return 0
 

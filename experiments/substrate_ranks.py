@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 
-from _common import OneLineParser, UsageError, markdown_table, positive, run_main
+from _common import OneLineParser, UsageError, markdown_table, positive, run_main, write_report
 from caap.stats import mean_ci
 
 PROG = "substrate_ranks"
@@ -89,10 +89,7 @@ def _main(argv: list[str] | None) -> int:
               + (f" --top {args.top}" if args.top != 3 else "")
               + (f" --exclude {args.exclude}" if args.exclude != "random" else "") + "`"]
     text = "\n".join(parts) + "\n"
-    out = Path(args.out) if args.out else path.parent
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "substrate_ranks.md").write_text(text)
-    print(text)
+    write_report((Path(args.out) if args.out else path.parent) / "substrate_ranks.md", text)
     return 0
 
 
