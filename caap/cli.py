@@ -333,7 +333,7 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from caap.attribution.caap import DEFAULT_CONTEXT
+    from caap.attribution.caap import CAAP_SCORES, DEFAULT_CONTEXT, PRECISIONS
     from caap.contexts import CONTEXT_NAMES
     from caap.data import DEFAULT_MODEL
 
@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("explain", help="CAAP maps for images (default: scikit-image's chelsea)")
     e.add_argument("images", nargs="*", help="image files")
     e.add_argument("--layers", help="START:END, inclusive block indices (default: the measured default)")
-    e.add_argument("--score", default="logit_diff", choices=["logit_diff", "logit", "prob"],
+    e.add_argument("--score", default="logit_diff", choices=CAAP_SCORES,
                    help="logit_diff (default): target logit minus the unpatched context's")
     common(e)
     e.set_defaults(func=cmd_explain)
@@ -371,15 +371,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--checkpoint", help="local timm state dict (default: as for explain)")
     d.add_argument("--layers", help="START:END, inclusive block indices (default: the measured default)")
     d.add_argument("--context", default=DEFAULT_CONTEXT, help=f"neutral context (default {DEFAULT_CONTEXT})")
-    d.add_argument("--score", default="logit_diff", choices=["logit_diff", "logit", "prob"])
+    d.add_argument("--score", default="logit_diff", choices=CAAP_SCORES)
     d.add_argument("--target", default="auto", help="auto (default: the manifest's class where there is one, else "
                                                     "the predicted class), label, predicted, or a class index / name")
     d.add_argument("--split", help="a split of the manifest (e.g. heldout)")
     d.add_argument("--limit", type=positive_int, help="only the first N images")
     d.add_argument("--shard-size", type=positive_int, default=32, help="images per Parquet shard (default 32)")
-    d.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: matrix products in bfloat16 under autocast, residual stream and score in fp32 "
-                        "(README, bf16)")
+    d.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="bf16: matrix products in bfloat16 under autocast, residual stream and score in fp32 (the "
+                        "fastest, maps close to fp32); bf16_delta: bf16 products of the differences from the "
+                        "context run (maps within rounding of fp32, less of a speed-up); README, bf16")
     d.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     d.add_argument("--ray", action="store_true", help="run on Ray Data (local Ray unless --ray-address)")
     d.add_argument("--ray-address", help="an existing Ray cluster, HOST:PORT or ray://HOST:PORT (implies --ray)")

@@ -1,15 +1,15 @@
 """CAAP in bf16 against fp32: speed and agreement of the maps (issue 14, "bf16").
 
-Three precisions on the same heldout photos and the real ViT-Tiny, timed in alternating rounds:
+Four ways on the same heldout photos and the real ViT-Tiny, timed in alternating rounds:
   fp32            the reference;
   bf16 (CAAP's precision="bf16")   autocast: matrix products in bfloat16, the residual stream, LayerNorm,
                   the head and the score in fp32;
   bf16 cast       a plain cast of model and pixels to bfloat16 (everything in bf16), for comparison;
-  bf16 delta      an experiment, not a library option: every linear layer from CAAP's first block on computes
+  bf16 delta (CAAP's precision="bf16_delta")   every linear layer from CAAP's first block on computes
                   y_ctx + W (x - x_ctx) with the product in bf16, where x_ctx, y_ctx are its fp32 input and
-                  output in the unpatched context run of the same image (recorded once per image). The bf16
-                  rounding then scales with how far a patched run moved from the context, not with the
-                  activations themselves; attention, LayerNorm, GELU, the head and the score run in fp32.
+                  output in the unpatched context run of the same image (`hooked_vit.precision.delta_bf16`):
+                  the rounding scales with how far a patched run moved from the context, not with the
+                  activations; attention, LayerNorm, GELU, the head and the score run in fp32.
 Agreement with fp32: Spearman per image, the top patch, and the pointing game and deletion AUC over the
 images (the same metrics as the benchmark).
 
@@ -20,20 +20,16 @@ images (the same metrics as the benchmark).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.stats import spearmanr
-from torch import Tensor
 
 from _common import load_samples, positive, write_report, write_text
 from caap import CAAP
@@ -42,67 +38,6 @@ from caap.data import DEFAULT_MODEL, sample_mask
 from caap.metrics import Deletion, PointingGame
 from caap.models import load_model
 from caap.stats import mean_ci
-from hooked_vit import HookedViT
-
-
-class DeltaLinear(torch.nn.Module):
-    """Wraps a linear layer: the first call records its input and output (the reference run, fp32);
-    later calls return y_ref + W (x - x_ref), the product in bf16, so its rounding error scales with
-    x - x_ref. Positions must match the reference (a KeyError otherwise, never a silent fallback)."""
-
-    def __init__(self, linear: torch.nn.Linear) -> None:
-        super().__init__()
-        self.linear, self.w16 = linear, linear.weight.detach().to(torch.bfloat16)
-        self.ref: dict[int, tuple[Tensor, Tensor]] = {}
-        self.recording = True
-
-    @property
-    def weight(self) -> Tensor:  # read by Attention.forward_queries (the last block's class-token path)
-        return self.linear.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.linear.bias
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.recording:
-            y = self.linear(x)
-            self.ref[x.shape[-2]] = (x, y)
-            return y
-        x_ref, y_ref = self.ref[x.shape[-2]]
-        return F.linear((x - x_ref).to(torch.bfloat16), self.w16).float().add_(y_ref)
-
-
-@contextlib.contextmanager
-def delta_bf16(model: HookedViT, resid_ref: Tensor, start: int) -> Iterator[None]:
-    """Within: every linear layer of blocks `start`.. is a `DeltaLinear` whose reference is the run from
-    `resid_ref` (the residual stream entering block `start`, one row); the model is restored on exit."""
-    swapped = []
-    try:
-        for block in model.blocks[start:]:
-            for owner, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")):
-                wrapper = DeltaLinear(getattr(owner, name))
-                setattr(owner, name, wrapper)
-                swapped.append((owner, name, wrapper))
-        model(resid_ref, start_at_layer=start)
-        for _, _, wrapper in swapped:
-            wrapper.recording = False
-        yield
-    finally:
-        for owner, name, wrapper in swapped:
-            setattr(owner, name, wrapper.linear)
-
-
-def caap_delta_bf16(model: HookedViT, pixels: Tensor, targets: Tensor) -> Tensor:
-    """CAAP's default maps with `delta_bf16` around each image's patched runs."""
-    method = CAAP(model)
-    start = method.layers[0]
-    maps = []
-    for j in range(pixels.shape[0]):
-        x = pixels[j : j + 1]
-        with torch.inference_mode(), delta_bf16(model, method.context.bind(model, x).resid_pre(start), start):
-            maps.append(method.attribute(x, targets[j : j + 1]))
-    return torch.cat(maps)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         "fp32": CAAP(model).attribute,
         "bf16": CAAP(model, precision="bf16").attribute,
         "bf16_cast": lambda x, y: CAAP(cast).attribute(x.to(torch.bfloat16), y),
-        "bf16_delta": lambda x, y: caap_delta_bf16(model, x, y),
+        "bf16_delta": CAAP(model, precision="bf16_delta").attribute,
     }
     for i in range(0, len(samples), args.chunk):  # alternate the precisions chunk by chunk: drift hits all alike
         x, y = pixels[i : i + args.chunk], labels[i : i + args.chunk]

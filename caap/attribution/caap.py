@@ -26,18 +26,21 @@ from torch import Tensor
 
 from caap.attribution.base import AttributionMethod
 from caap.contexts import NeutralContext, get_context
-from caap.patching.engine import Intervention, Write, run_interventions, unpatched_scores
+from caap.patching.engine import Intervention, ResidContext, Write, run_interventions, unpatched_scores
 from caap.targets import Score, Target, check_score, class_score, resolve_targets
 from hooked_vit import HookedViT, act_name
+from hooked_vit.precision import delta_bf16
 from hooked_vit.preprocess import check_pixels
 
 Component = Literal["resid_pre", "attn_out", "mlp_out"]
 CAAP_COMPONENTS: tuple[str, ...] = get_args(Component)
 """What the patch token may carry from the source (hook names: `hooked_vit.act_name`)."""
 CAAP_SCORES = ("logit_diff", "logit", "prob")
-Precision = Literal["fp32", "bf16"]
-PRECISIONS: tuple[str, ...] = get_args(Precision)
 """The scores (`caap.targets.Score`) CAAP may read off each patched run."""
+Precision = Literal["fp32", "bf16", "bf16_delta"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+"""How the patched runs compute (README, "bf16"): fp32; bf16 under autocast; bf16 products relative to the
+unpatched context run (`hooked_vit.precision.delta_bf16`)."""
 
 DEFAULT_CONTEXT = "blur"
 """Default neutral context: a blurred copy of the source. Chosen on the `dev` split (README, "CAAP
@@ -74,11 +77,14 @@ class CAAP(AttributionMethod):
         batch_size: rows (patched runs) per forward pass; None: the engine's `default_batch_size`
             (64 on a GPU, about 1600 tokens on a CPU).
         reference: reference images for the "mean" context (default: the shared ImageNet sample).
-        precision: "fp32" (default), or "bf16": the runs under `torch.autocast` with bfloat16, so the
+        precision: "fp32" (default); "bf16": the runs under `torch.autocast` with bfloat16, so the
             matrix products run in bf16 while the residual stream, LayerNorm, the head and the score stay
-            in fp32 (`HookedViT.head_forward` leaves autocast for the head). Faster where the processor
-            has bf16 units (README, "bf16"); the maps agree with fp32 to a Spearman of about 0.99, not
-            exactly, because a patch's effect is a small difference of large activations.
+            in fp32 (`HookedViT.head_forward` leaves autocast for the head): the fastest, but the maps
+            agree with fp32 only to a Spearman of about 0.98, because a patch's effect is a small
+            difference of large activations; "bf16_delta": each image's patched runs compute every linear
+            layer as its value in the unpatched context run (fp32) plus a bf16 product of the difference
+            (`hooked_vit.precision.delta_bf16`), so the rounding scales with the patch's effect: maps
+            within a Spearman of 0.9999 of fp32, less of a speed-up (README, "bf16").
 
     `attribute(pixels, target)` -> [batch, grid_h, grid_w], one target class per image, as every method;
     `attribute_classes(pixels, classes)` with classes [batch, k] -> [batch, k, grid_h, grid_w], at the
@@ -163,17 +169,36 @@ class CAAP(AttributionMethod):
     @torch.inference_mode()
     def _maps(self, pixels: Tensor, targets: Int[Tensor, "batch k"]) -> Float[Tensor, "batch k grid_h grid_w"]:
         with self._autocast(pixels):
-            return self._maps_in_precision(pixels, targets)
+            context = self.context.bind(self.model, pixels)
+            context_score = None
+            if self.score == "logit_diff":  # the unpatched context's score, once per image
+                context_score = self._context_scores(context, targets)
+            if self.precision != "bf16_delta":
+                return self._patched_maps(pixels, targets, context, context_score)
+        start = self.layers[0]
+        maps = []
+        for i in range(pixels.shape[0]):  # one reference run (the image's own context) per image
+            row = i if context.n > 1 else 0
+            one = ResidContext(lambda layer, row=row: context.resid_pre(layer)[row : row + 1], n=1)
+            with delta_bf16(self.model, one.resid_pre(start), start, hooks=self._hooks()):
+                maps.append(self._patched_maps(pixels[i : i + 1], targets[i : i + 1], one,
+                                               None if context_score is None else context_score[i : i + 1]))
+        return torch.cat(maps)
 
-    def _maps_in_precision(self, pixels: Tensor, targets: Int[Tensor, "batch k"]) -> Tensor:
+    def _hooks(self) -> list[str]:
+        """The hook points the patched runs write: the component at every block of the range."""
+        return [act_name(self.component, layer) for layer in range(self.layers[0], self.layers[1] + 1)]
+
+    def _patched_maps(self, pixels: Tensor, targets: Int[Tensor, "batch k"], context: Any,
+                      context_score: Tensor | None) -> Tensor:
+        """One patched run per (image, patch) in `context` (one row, or one per image), scored for every
+        class of `targets`; `context_score`: what "logit_diff" subtracts."""
         model = self.model
         b = pixels.shape[0]
         grid = model.grid_size_for(pixels)
         n_patches = grid[0] * grid[1]
         prefix = model.cfg.n_prefix_tokens
-        start, end = self.layers
-        hooks = [act_name(self.component, layer) for layer in range(start, end + 1)]
-        context = self.context.bind(model, pixels)
+        hooks = self._hooks()
         rows = [
             Intervention(tuple(Write(h, prefix + p) for h in hooks), source=i, context=i if context.n > 1 else 0)
             for i in range(b)
@@ -181,9 +206,6 @@ class CAAP(AttributionMethod):
         ]
         pairs = torch.arange(b, device=pixels.device).repeat_interleave(n_patches)
         k = targets
-        context_score = None
-        if self.score == "logit_diff":  # the unpatched context's score, once per image
-            context_score = self._context_scores(context, k)
 
         def score_fn(logits: Tensor, pair: Tensor) -> Tensor:
             return class_score(logits, k[pair], self.score, None if context_score is None else context_score[pair])
