@@ -90,6 +90,15 @@ def test_the_map_is_caaps_and_the_context_score_is_reported(checkpoint, tmp_path
     assert row["target"] == 3
     np.testing.assert_array_equal(np.asarray(row["map"], np.float32), method.attribute(pixels, 3)[0].flatten().numpy())
     assert row["context_score"] == pytest.approx(float(method.context_scores(pixels, 3)[0]), abs=1e-5)
+    # another precision is another settings folder, and its map is CAAP's in that precision
+    summary = explain_dataset(photos, tmp_path / "out", _settings(checkpoint, target="3", precision="bf16_delta"),
+                              progress=False)
+    assert summary["explained"] == 1 and summary["settings_hash"] != row["settings_hash"]
+    with pytest.raises(ValueError, match="pass settings_hash"):  # two settings: never mixed
+        read_results(tmp_path / "out")
+    delta = read_results(tmp_path / "out", settings_hash=summary["settings_hash"]).iloc[0]
+    expected = CAAP(model, layers=(11, 11), context="grey", precision="bf16_delta").attribute(pixels, 3)[0]
+    np.testing.assert_array_equal(np.asarray(delta["map"], np.float32), expected.flatten().numpy())
 
 
 def test_manifest_labels_are_the_default_target(checkpoint, tmp_path):
