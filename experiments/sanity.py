@@ -46,6 +46,7 @@ from _common import (
 )
 from caap import CAAP
 from caap.baselines import BASELINES, get_baseline
+from caap.contexts import weights_fingerprint
 from caap.data import DEFAULT_MODEL
 from caap.files import atomic_path
 from caap.metrics.sanity import SANITY_THRESHOLD, EdgeDetector, RandomisationResult, cascading_randomisation
@@ -72,11 +73,11 @@ def factory(name: str, args: Any) -> Any:
     return lambda m: get_baseline(name, m, **kw)
 
 
-def cache_file(out: Path, name: str, args: Any) -> Path:
-    """Where one method's result is kept: named by `method_tag` (the method's settings), the model and the
-    run's seed; `load_result` also checks the images."""
+def cache_file(out: Path, name: str, args: Any, weights: str) -> Path:
+    """Where one method's result is kept: named by `method_tag` (the method's settings), the model's weights
+    (`weights_fingerprint`) and the run's seed; `load_result` also checks the images."""
     tag = "edge" if name == "edge" else method_tag(name, settings_of(args))
-    return out / "cache" / safe_name(f"{args.model}-seed{args.seed}-{tag}.npz")
+    return out / "cache" / safe_name(f"{tag}-weights{weights}-seed{args.seed}.npz")
 
 
 def load_result(path: Path, files: list[str], threshold: float) -> tuple[RandomisationResult, float] | None:
@@ -188,8 +189,9 @@ def _main(argv: list[str] | None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, RandomisationResult] = {}
     seconds: dict[str, float] = {}
+    weights = weights_fingerprint(model)
     for name in methods:  # each method's result is kept as soon as it is done: a stopped run resumes
-        path = cache_file(out, name, args)
+        path = cache_file(out, name, args, weights)
         cached = load_result(path, chunk.files, args.threshold)
         if cached is None:
             t0 = time.perf_counter()

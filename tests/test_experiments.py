@@ -239,7 +239,7 @@ def test_sanity_script_resumes_from_its_cache(world, tmp_path, monkeypatch):
     flags = [*_common_flags(world), "--methods", "random,gae", "--out", str(out)]
     assert sanity.main(flags) == 0
     first = (out / "sanity.csv").read_text()
-    gae = next(p for p in (out / "cache").iterdir() if "-gae-" in p.name)
+    gae = next(p for p in (out / "cache").iterdir() if p.name.startswith("gae-"))
     gae.write_bytes(gae.read_bytes()[:100])  # a file cut short: computed again
     calls = []
     real = sanity.cascading_randomisation
@@ -247,6 +247,9 @@ def test_sanity_script_resumes_from_its_cache(world, tmp_path, monkeypatch):
     assert sanity.main(flags) == 0
     assert len(calls) == 1 and (out / "sanity.csv").read_text() == first  # random reused, gae recomputed
     assert sanity.main([*flags, "--seed", "1"]) == 0 and len(calls) == 3  # another seed: nothing reused
+    other = tmp_path / "other.pth"  # other weights under the same model name: nothing reused either
+    torch.save(timm.create_model(NAME, pretrained=False, **SMALL).state_dict(), other)
+    assert sanity.main([*flags[:-2], "--checkpoint", str(other), "--out", str(out)]) == 0 and len(calls) == 5
 
 
 def test_metric_steps_script(world, tmp_path, monkeypatch, capsys):
