@@ -111,6 +111,7 @@ from caap import CAAP
 from caap.attribution import AttributionMethod
 from caap.attribution.caap import DEFAULT_CONTEXT, default_layers
 from caap.baselines import BASELINES, get_baseline
+from caap.contexts import weights_fingerprint
 from caap.data import DEFAULT_MODEL, class_name
 from caap.metrics import METRICS, Evaluator, Metric
 from caap.models import load_model
@@ -217,7 +218,7 @@ def open_model(name: str, checkpoint: str | None, device: str) -> Any:
 def run_model(model: Any, name: str, methods: list[str], metrics: dict[str, Metric], samples: list[Any],
               args: Any, out: Path) -> tuple[list[dict[str, Any]], dict[str, Tensor]]:
     """Per-image rows for one model, and the first images' maps per method (for the overlay grid)."""
-    cache = out / "cache" / safe_name(name)
+    cache = out / "cache" / safe_name(f"{name}-weights{weights_fingerprint(model)}")  # another checkpoint: another cache
     objects: dict[str, AttributionMethod] = {}
     rows: list[dict[str, Any]] = []
     grid_maps: dict[str, Any] = {}

@@ -51,6 +51,7 @@ from _common import (
 )
 from caap import CAAP
 from caap.baselines import BASELINES, get_baseline
+from caap.contexts import weights_fingerprint
 from caap.data import DEFAULT_MODEL
 from caap.metrics import Deletion, Evaluator, Insertion, TokenDeletion, TokenInsertion
 from caap.models import load_model
@@ -106,7 +107,8 @@ def _main(argv: list[str] | None) -> int:
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     seconds = 0.0  # compute time of every chunk, cached ones included
-    key = hashlib.sha1(json.dumps([args.model, args.split, methods, families, all_steps, args.seed]).encode()).hexdigest()[:10]
+    key = hashlib.sha1(json.dumps([args.model, weights_fingerprint(model), args.split, methods, families, all_steps,
+                                   args.seed]).encode()).hexdigest()[:10]  # another checkpoint: another cache
     cache = Path(args.out) / "cache" / key
     cache.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(samples), args.batch_size):
