@@ -427,6 +427,7 @@ class DatasetJob:
     store: ShardStore
     pending: list[Item]
     data_config: dict[str, Any]
+    retry_failed: bool = False
 
     def run(self, shard_size: int = 32, ray: bool = False, ray_address: str | None = None, workers: int = 1,
             progress: bool = True) -> dict[str, Any]:
@@ -437,7 +438,9 @@ class DatasetJob:
 
         if shard_size < 1 or workers < 1:
             raise ValueError(f"shard_size and workers must be at least 1, got {shard_size} and {workers}")
-        pending, store = self.pending, self.store
+        store = self.store
+        done = store.done(retry_failed=self.retry_failed)  # again: a second run() never redoes what the first wrote
+        self.pending = pending = [i for i in self.items if i.image_id not in done]
         rows: list[dict[str, Any]] = []
         counts = {"ok": 0, "failed": 0}
         written: list[Path] = []
@@ -485,7 +488,7 @@ def plan_dataset(
     store = ShardStore(out, settings.resolved())
     done = store.done(retry_failed=retry_failed)
     pending = [i for i in items if i.image_id not in done]
-    return DatasetJob(settings, items, non_images, store, pending, data_config)
+    return DatasetJob(settings, items, non_images, store, pending, data_config, retry_failed)
 
 
 def explain_dataset(

@@ -184,6 +184,9 @@ def test_plan_refuses_a_bad_shard_size_before_any_work(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="at least 1"):
         job.run(shard_size=0)
     assert not job.store.shards()
+    assert job.run(progress=False)["explained"] == 2
+    again = job.run(progress=False)  # the same job run twice: nothing redone, no duplicate rows
+    assert again["explained"] == 0 and again["already_done"] == 2 and len(read_results(job.store.folder.parent)) == 2
 
 
 def test_ray_missing_is_a_clear_error(checkpoint, tmp_path, capsys, monkeypatch):
