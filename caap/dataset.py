@@ -418,16 +418,20 @@ def _explain_ray(
 # ------------------------------------------------------------------------------------------------- driver
 @dataclass
 class DatasetJob:
-    """A dataset run, checked and planned before any image is explained (`plan_dataset`): the images,
-    the non-image files skipped, the shard store of these settings and the images still to do."""
+    """A dataset run, checked before any image is explained (`plan_dataset`): the images, the non-image
+    files skipped and the shard store of these settings; `pending()` says which images are still to do."""
 
     settings: DatasetSettings
     items: list[Item]
     non_images: int
     store: ShardStore
-    pending: list[Item]
     data_config: dict[str, Any]
     retry_failed: bool = False
+
+    def pending(self) -> list[Item]:
+        """The images without a row in the store yet (read from the store now, so it is never stale)."""
+        done = self.store.done(retry_failed=self.retry_failed)
+        return [i for i in self.items if i.image_id not in done]
 
     def run(self, shard_size: int = 32, ray: bool = False, ray_address: str | None = None, workers: int = 1,
             progress: bool = True) -> dict[str, Any]:
@@ -439,8 +443,7 @@ class DatasetJob:
         if shard_size < 1 or workers < 1:
             raise ValueError(f"shard_size and workers must be at least 1, got {shard_size} and {workers}")
         store = self.store
-        done = store.done(retry_failed=self.retry_failed)  # again: a second run() never redoes what the first wrote
-        self.pending = pending = [i for i in self.items if i.image_id not in done]
+        pending = self.pending()  # read now: a second run() never redoes what the first wrote
         rows: list[dict[str, Any]] = []
         counts = {"ok": 0, "failed": 0}
         written: list[Path] = []
@@ -479,16 +482,14 @@ def plan_dataset(
     limit: int | None = None,
     retry_failed: bool = False,
 ) -> DatasetJob:
-    """List `source` (`list_items`), open the shard store of these settings under `out` and find what is
-    left to do; raises ValueError / FileNotFoundError on a bad source, split or output before any work."""
+    """List `source` (`list_items`) and open the shard store of these settings under `out` (what is left to
+    do is read from it by `DatasetJob.pending` / `run`); raises ValueError / FileNotFoundError on a bad
+    source, split or output before any work."""
     from caap.models import model_config
 
     items, non_images = list_items(source, split=split, limit=limit)
     _, data_config = model_config(settings.model)
-    store = ShardStore(out, settings.resolved())
-    done = store.done(retry_failed=retry_failed)
-    pending = [i for i in items if i.image_id not in done]
-    return DatasetJob(settings, items, non_images, store, pending, data_config, retry_failed)
+    return DatasetJob(settings, items, non_images, ShardStore(out, settings.resolved()), data_config, retry_failed)
 
 
 def explain_dataset(

@@ -180,7 +180,7 @@ def test_plan_refuses_a_bad_shard_size_before_any_work(checkpoint, tmp_path):
     from caap.dataset import plan_dataset
 
     job = plan_dataset(_photos(tmp_path / "photos", 2), tmp_path / "out", _settings(checkpoint))
-    assert [i.image_id for i in job.pending] == ["img0.png", "img1.png"] and job.non_images == 0
+    assert [i.image_id for i in job.pending()] == ["img0.png", "img1.png"] and job.non_images == 0
     with pytest.raises(ValueError, match="at least 1"):
         job.run(shard_size=0)
     assert not job.store.shards()
