@@ -29,7 +29,7 @@ from caap.attribution.caap import DEFAULT_LAYER_FRACTIONS
 from caap.baselines import BASELINES
 from caap.cli import positive_int
 from caap.cpu import keep_freed_memory
-from caap.data import VAL_BOXES, Sample, box_mask, load_manifest, sample_mask, shared_data_dir
+from caap.data import DEFAULT_MODEL, VAL_BOXES, Sample, box_mask, load_manifest, sample_mask, shared_data_dir
 from caap.files import atomic_path
 from caap.metrics import METRICS, Evaluator, Metric, get_metric
 
@@ -70,6 +70,17 @@ def split_list(text: str | None, accepted: Sequence[str], what: str, default: Se
     if not names:
         raise UsageError(f"--{what}s is empty")
     return list(dict.fromkeys(names))
+
+
+def add_data_flags(p: argparse.ArgumentParser, limit: int, split_help: str = "manifest split (default dev)") -> None:
+    """The flags of every script over the shared photos: --data, --split (default dev), --limit, --model,
+    --checkpoint (read by `load_samples` and `caap.models.load_model`)."""
+    p.add_argument("--data", default=None, help="manifest folder (default: the shared imagenet_val1300_boxes)")
+    p.add_argument("--split", default="dev", help=split_help)
+    p.add_argument("--limit", type=positive, default=limit, help=f"first N images of the split (default {limit})")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="timm model name")
+    p.add_argument("--checkpoint", default=None,
+                   help="weights file (default $CAAP_CHECKPOINT_DIR/<model>.pth, else ../shared/models)")
 
 
 def load_samples(data: str | None, split: str | None, limit: int | None) -> tuple[Path, list[Sample]]:

@@ -57,6 +57,7 @@ from _common import (
     Chunk,
     OneLineParser,
     UsageError,
+    add_data_flags,
     build_metrics,
     fmt,
     header,
@@ -97,11 +98,7 @@ CAAP_DEFAULTS_DIR = Path("results/caap_defaults")
 
 def parse_args(argv: list[str] | None) -> Any:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=None, help="manifest folder (default: the shared imagenet_val1300_boxes)")
-    p.add_argument("--split", default="dev", help="manifest split (default dev)")
-    p.add_argument("--limit", type=positive, default=64, help="first N images of the split (default 64)")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--checkpoint", default=None, help="weights file (default $CAAP_CHECKPOINT_DIR/<model>.pth)")
+    add_data_flags(p, limit=64)
     p.add_argument("--contexts", default=",".join(CONTEXT_NAMES),
                    help=f"comma list (default all): {', '.join(CONTEXT_NAMES)}")
     p.add_argument("--ranges", default=",".join(RANGES), help=f"comma list (default all): {', '.join(RANGES)}")

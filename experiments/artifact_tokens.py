@@ -42,6 +42,7 @@ import torch
 from _common import (
     OneLineParser,
     UsageError,
+    add_data_flags,
     load_cached_maps,
     load_chunk,
     load_samples,
@@ -55,7 +56,6 @@ from _common import (
 )
 from caap import CAAP
 from caap.contexts import CONTEXT_NAMES, get_context
-from caap.data import DEFAULT_MODEL
 from caap.models import load_model
 from caap.stats import mean_ci
 from hooked_vit import act_name
@@ -66,11 +66,7 @@ RANGES = ("early", "mid", "late", "all")
 
 def parse_args(argv: list[str] | None) -> Any:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=None, help="manifest folder (default: the shared imagenet_val1300_boxes)")
-    p.add_argument("--split", default="dev", help="manifest split (default dev; never tune on heldout)")
-    p.add_argument("--limit", type=positive, default=32, help="first N images of the split (default 32)")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--checkpoint", default=None, help="weights file (default $CAAP_CHECKPOINT_DIR/<model>.pth)")
+    add_data_flags(p, limit=32, split_help="manifest split (default dev; never tune on heldout)")
     p.add_argument("--context", default="blur", help=f"CAAP's context (default blur): {', '.join(CONTEXT_NAMES)}")
     p.add_argument("--ranges", default=",".join(RANGES), help=f"comma list (default all): {', '.join(RANGES)}")
     p.add_argument("--threshold", type=float, default=10.0,

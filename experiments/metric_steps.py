@@ -40,6 +40,7 @@ import numpy as np
 from _common import (
     OneLineParser,
     UsageError,
+    add_data_flags,
     load_chunk,
     load_samples,
     markdown_table,
@@ -52,7 +53,6 @@ from _common import (
 from caap import CAAP
 from caap.baselines import BASELINES, get_baseline
 from caap.contexts import weights_fingerprint
-from caap.data import DEFAULT_MODEL
 from caap.metrics import Deletion, Evaluator, Insertion, TokenDeletion, TokenInsertion
 from caap.models import load_model
 
@@ -76,15 +76,11 @@ def parse_steps(text: str, n_cells: int) -> list[int]:
 
 def _main(argv: list[str] | None) -> int:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=None, help="manifest folder (default: the shared imagenet_val1300_boxes)")
-    p.add_argument("--split", default="dev", help="manifest split (default dev)")
-    p.add_argument("--limit", type=positive, default=32, help="first N images of the split (default 32)")
+    add_data_flags(p, limit=32)
     p.add_argument("--methods", default="caap,gae,input_x_gradient", help=f"comma list: {', '.join(METHODS)}")
     p.add_argument("--metrics", default=",".join(FAMILIES), help=f"comma list: {', '.join(FAMILIES)}")
     p.add_argument("--steps", default="8,28,49", help="step counts compared with one patch a step (default 8,28,49)")
     p.add_argument("--tolerance", type=float, default=0.005, help="mean absolute AUC error accepted (default 0.005)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="timm model name")
-    p.add_argument("--checkpoint", default=None, help="weights file (default $CAAP_CHECKPOINT_DIR/<name>.pth)")
     p.add_argument("--batch-size", type=positive, default=8, help="images per chunk (default 8)")
     p.add_argument("--forward-batch", type=positive, default=64, help="rows per forward pass (default 64)")
     p.add_argument("--seed", type=int, default=0)

@@ -33,6 +33,7 @@ from _common import (
     SMOOTHGRAD_SAMPLES,
     OneLineParser,
     UsageError,
+    add_data_flags,
     load_chunk,
     load_samples,
     markdown_table,
@@ -47,7 +48,6 @@ from _common import (
 from caap import CAAP
 from caap.baselines import BASELINES, get_baseline
 from caap.contexts import weights_fingerprint
-from caap.data import DEFAULT_MODEL
 from caap.files import atomic_path
 from caap.metrics.sanity import SANITY_THRESHOLD, EdgeDetector, RandomisationResult, cascading_randomisation
 from caap.models import load_model
@@ -158,12 +158,8 @@ def write_plots(results: dict[str, RandomisationResult], out: Path, title: str) 
 
 def _main(argv: list[str] | None) -> int:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=None, help="manifest folder (default: the shared imagenet_val1300_boxes)")
-    p.add_argument("--split", default="dev", help="manifest split (default dev)")
-    p.add_argument("--limit", type=positive, default=8, help="first N images of the split (default 8)")
+    add_data_flags(p, limit=8)
     p.add_argument("--methods", default=None, help=f"comma list (default {','.join(DEFAULT_METHODS)}): {', '.join(METHODS)}")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="timm model name")
-    p.add_argument("--checkpoint", default=None, help="weights file (default $CAAP_CHECKPOINT_DIR/<name>.pth)")
     p.add_argument("--threshold", type=float, default=SANITY_THRESHOLD,
                    help=f"flag when the mean Spearman stays >= this at every stage (default {SANITY_THRESHOLD})")
     p.add_argument("--seed", type=int, default=0, help="random weights and seeded methods (default 0)")
