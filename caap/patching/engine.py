@@ -72,11 +72,11 @@ class HookedModel(Protocol):
 @dataclass(frozen=True)
 class Write:
     """Overwrite one activation with the source's value: hook point `hook`, token `pos` (the query
-    position for attention patterns; None = every position) and `head` (None = every head, or the
-    hook has no head axis)."""
+    position for attention patterns; a tuple of positions writes each of them; None = every position)
+    and `head` (None = every head, or the hook has no head axis)."""
 
     hook: str
-    pos: int | None = None
+    pos: int | tuple[int, ...] | None = None
     head: int | None = None
 
 
@@ -203,7 +203,12 @@ def compile_interventions(
                 raise IndexError(f"intervention {row} uses source {iv.source}; there are {act.shape[0]} sources")
             n_pos = act.shape[pos_axis] if act.ndim > pos_axis else 1
             n_head = act.shape[head_axis] if head_axis is not None else 1
-            positions = range(n_pos) if w.pos is None else [_check_index(w.pos, n_pos, "position", w.hook)]
+            if w.pos is None:
+                positions: Sequence[int] = range(n_pos)
+            elif isinstance(w.pos, tuple):
+                positions = [_check_index(p, n_pos, "position", w.hook) for p in w.pos]
+            else:
+                positions = [_check_index(w.pos, n_pos, "position", w.hook)]
             if head_axis is None and w.head is not None:
                 raise ValueError(f"hook {w.hook!r} has no head axis; got head={w.head}")
             heads = range(n_head) if w.head is None else [_check_index(w.head, n_head, "head", w.hook)]
