@@ -9,6 +9,7 @@ on `sys.path` (they are run as `python experiments/<script>.py`, or imported by 
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import inspect
 import json
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -303,46 +304,85 @@ def save_maps(path: Path, maps: Tensor, files: list[str], seconds: float) -> Non
         np.savez_compressed(tmp, maps=maps.detach().cpu().float().numpy(), files=np.array(files), seconds=seconds)
 
 
-def load_cached_scores(path: Path, files: list[str]) -> dict[str, Any]:
-    """The cache of one (method, chunk): {"scores": {metric_key: values}, "seconds": metric seconds,
-    "forwards": forward passes}; empty scores if none was computed for these images."""
-    empty = {"scores": {}, "seconds": 0.0, "forwards": 0}
-    if not path.is_file():
-        return empty
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return empty
-    return data if data.get("files") == list(files) and "scores" in data else empty
+@dataclass
+class ChunkScores:
+    """One (method, chunk)'s metric values per image, kept as a small CSV that is committed with the results,
+    so that a long run continues on a fresh machine where the last one stopped instead of starting over
+    (the maps themselves stay in the ignored cache). Columns: `image`, `maps_s` (the attribution's seconds
+    per image, when known), `metric_s` (the metrics' seconds per image, over all runs), `forwards` (forward
+    passes per image), then one column per metric, named by its `metric_key` (so another setting is another
+    column, never a stale value)."""
 
+    path: Path
+    files: list[str]
+    scores: dict[str, list[float]]
+    maps_s: float | None = None
+    metric_s: float = 0.0
+    forwards: float = 0.0
 
-def save_scores(path: Path, files: list[str], cache: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({**cache, "files": list(files)}))
+    FIXED: ClassVar[tuple[str, ...]] = ("image", "maps_s", "metric_s", "forwards")
+
+    @classmethod
+    def load(cls, path: Path, files: list[str]) -> ChunkScores:
+        """The store at `path` if it holds exactly these images; an empty one if it is missing, cut short or
+        for other images (then it is recomputed)."""
+        empty = cls(path, list(files), {})
+        if not path.is_file():
+            return empty
+        try:
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            if [r["image"] for r in rows] != list(files) or not rows:
+                return empty
+            keys = [k for k in rows[0] if k not in cls.FIXED]
+            maps = [float(r["maps_s"]) if r["maps_s"] else None for r in rows]
+            return cls(path, list(files), {k: [float(r[k]) for r in rows] for k in keys},
+                       None if None in maps else float(sum(maps)), sum(float(r["metric_s"]) for r in rows),
+                       sum(float(r["forwards"]) for r in rows))
+        except (OSError, KeyError, ValueError, csv.Error):
+            return empty
+
+    def missing(self, metrics: dict[str, Metric]) -> dict[str, Metric]:
+        return {n: m for n, m in metrics.items() if metric_key(m) not in self.scores}
+
+    def values(self, metrics: dict[str, Metric]) -> dict[str, np.ndarray]:
+        return {n: np.array(self.scores[metric_key(m)], dtype=np.float64) for n, m in metrics.items()}
+
+    def save(self) -> None:
+        n = len(self.files)
+        keys = list(self.scores)
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow([*self.FIXED, *keys])
+            for j, image in enumerate(self.files):
+                w.writerow([image, "" if self.maps_s is None else repr(self.maps_s / n), repr(self.metric_s / n),
+                            repr(self.forwards / n), *(repr(float(self.scores[k][j])) for k in keys)])
 
 
 def scores_for_chunk(
-    path: Path, chunk: Chunk, maps: Tensor, metrics: dict[str, Metric], evaluator: Callable[[], Evaluator]
+    path: Path, chunk: Chunk, maps: Tensor, metrics: dict[str, Metric], evaluator: Callable[[], Evaluator],
+    maps_seconds: float | None = None,
 ) -> tuple[dict[str, np.ndarray], float]:
-    """Metric values of one (method, chunk), from the cache where the same metric (same settings,
-    `metric_key`) was computed before; the rest computed now and added to the cache. Returns (values, seconds
-    the metrics of this (method, chunk) took over all runs)."""
-    cache = load_cached_scores(path, chunk.files)
-    done = cache["scores"]
-    todo = {n: m for n, m in metrics.items() if metric_key(m) not in done}
+    """Metric values of one (method, chunk), from its `ChunkScores` where the same metric (same settings,
+    `metric_key`) was computed before; the rest computed now and added. `maps_seconds`: the attribution's
+    time for the chunk, kept beside the scores. Returns (values, seconds the metrics of this (method, chunk)
+    took over all runs)."""
+    store = ChunkScores.load(path, chunk.files)
+    todo = store.missing(metrics)
+    if maps_seconds is not None and store.maps_s is None:
+        store.maps_s = maps_seconds
     if todo:
         ev = evaluator()
         before = ev.forwards
         t0 = time.perf_counter()
         new = ev.evaluate(maps, todo)
-        cache["seconds"] = cache.get("seconds", 0.0) + time.perf_counter() - t0
-        cache["forwards"] = cache.get("forwards", 0) + ev.forwards - before
+        store.metric_s += time.perf_counter() - t0
+        store.forwards += ev.forwards - before
         for n, v in new.items():
-            done[metric_key(metrics[n])] = [None if math.isnan(x) else x for x in v.tolist()]
-        save_scores(path, chunk.files, cache)
-    values = {n: np.array([np.nan if x is None else x for x in done[metric_key(m)]], dtype=np.float64)
-              for n, m in metrics.items()}
-    return values, float(cache.get("seconds", 0.0))
+            store.scores[metric_key(metrics[n])] = [float(x) for x in v.tolist()]
+    if todo or maps_seconds is not None:
+        store.save()
+    return store.values(metrics), store.metric_s
 
 
 # ---------------------------------------------------------------------------------------------- tables

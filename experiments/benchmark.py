@@ -25,7 +25,7 @@ patches; equal steps at its divisors). The cost of both is what `--estimate` mea
 to the full run.
 
 In parts: `--shard I/N` computes only the chunks I, I+N, I+2N, ... (chunk = `--batch-size` images; I from
-1 to N) into the cache and writes no table; shards may run one after another or at once (in separate
+1 to N) into the cache and the chunk stores and writes no table; shards may run one after another or at once (in separate
 processes or on separate machines sharing `--out`), with the same flags. A run without `--shard` then
 reads every cached chunk, computes whatever is still missing, and writes the tables. An interrupted run
 loses at most the chunk in progress.
@@ -38,8 +38,11 @@ Outputs under `--out`:
     runtime.md         seconds per image per method (maps and metrics)
     bar_<metric>.png   a bar chart per metric (mean, 95% CI); bars.html: all of them, interactive
     examples_<model>.png   overlays: methods (rows) x the first `--grid-images` images (columns)
-    cache/             one file per (model, method, chunk of `--batch-size` images) of maps, and one of
-                       metric values: a second run skips every finished chunk (resumable)
+    chunks/            one small CSV per (model, method, chunk of `--batch-size` images): the per-image scores
+                       (`_common.ChunkScores`), meant to be committed, so that a long run continues on another
+                       machine; `--import-table` fills them from an earlier run's per_image.csv
+    cache/             one file per (model, method, chunk) of maps, and the clean logits: a second run skips
+                       every finished chunk (resumable)
     estimate.md        with `--estimate`: the measured cost per method and per metric, extrapolated
 
 Speed (the reported table is 651 images on a 2-core CPU): images go in chunks of `--batch-size`; every
@@ -84,6 +87,7 @@ from _common import (
     RISE_MASKS,
     SMOOTHGRAD_SAMPLES,
     STEPS,
+    ChunkScores,
     OneLineParser,
     UsageError,
     arrow,
@@ -161,6 +165,10 @@ def parse_args(argv: list[str] | None) -> Any:
     p.add_argument("--grid-images", type=int, default=4, help="images in the overlay grid (default 4; 0: none)")
     p.add_argument("--estimate", type=positive, nargs="?", const=4, default=None, metavar="N",
                    help="time N images (default 4) per method and metric, extrapolate the full run, and stop")
+    p.add_argument("--import-table", action="append", default=[], metavar="DIR",
+                   help="first fill the chunks' score stores from an earlier run's per_image.csv + settings.json (the "
+                        "methods whose settings, the metrics whose settings and the chunks whose images match "
+                        "this run's; repeatable)")
     p.add_argument("--shard", type=shard, default=None, metavar="I/N",
                    help="compute only chunks I, I+N, I+2N, ... (1 <= I <= N) into the cache and write no table")
     return p.parse_args(argv)
@@ -219,6 +227,8 @@ def run_model(model: Any, name: str, methods: list[str], metrics: dict[str, Metr
               args: Any, out: Path) -> tuple[list[dict[str, Any]], dict[str, Tensor]]:
     """Per-image rows for one model, and the first images' maps per method (for the overlay grid)."""
     cache = out / "cache" / safe_name(f"{name}-weights{weights_fingerprint(model)}")  # another checkpoint: another cache
+    for table in args.import_table:
+        import_table(Path(table), name, out / "chunks" / cache.name, methods, metrics, samples, args)
     objects: dict[str, AttributionMethod] = {}
     rows: list[dict[str, Any]] = []
     grid_maps: dict[str, Any] = {}
@@ -242,21 +252,26 @@ def run_model(model: Any, name: str, methods: list[str], metrics: dict[str, Metr
             bar.set_postfix_str(f"{method} images {chunk.tag}")
             tag = method_tag(method, settings_of(args))
             path = cache / "maps" / tag / f"{args.split}_{chunk.tag}.npz"
+            store_path = out / "chunks" / cache.name / tag / f"{args.split}_{chunk.tag}.csv"
+            store = ChunkScores.load(store_path, chunk.files)
             hit = load_cached_maps(path, chunk.files)
-            if hit is None:
+            seconds = None
+            if hit is None and (store.missing(metrics) or store.maps_s is None):
                 if method not in objects:
                     objects[method] = make_method(method, model, args)
                 t0 = time.perf_counter()
                 maps = objects[method].attribute(chunk.pixels, target=chunk.targets).detach().float().cpu()
                 seconds = time.perf_counter() - t0
                 save_maps(path, maps, chunk.files, seconds)
-            else:
+            elif hit is not None:
                 maps, seconds = hit
-            values, metric_seconds = scores_for_chunk(
-                cache / "scores" / tag / f"{args.split}_{chunk.tag}.json", chunk, maps, metrics, evaluator
-            )
+            else:  # every score is kept in the chunk's store: no maps needed
+                maps = None
+            values, metric_seconds = scores_for_chunk(store_path, chunk, maps, metrics, evaluator, seconds)
+            seconds = ChunkScores.load(store_path, chunk.files).maps_s
+            seconds = float("nan") if seconds is None else seconds
             have = grid_maps.get(method)
-            if args.grid_images > 0 and (have is None or len(have) < args.grid_images):
+            if maps is not None and args.grid_images > 0 and (have is None or len(have) < args.grid_images):
                 more = maps[: args.grid_images - (0 if have is None else len(have))]
                 grid_maps[method] = more if have is None else torch.cat([have, more])
             n = len(chunk.samples)
@@ -272,6 +287,47 @@ def run_model(model: Any, name: str, methods: list[str], metrics: dict[str, Metr
             bar.update(1)
     bar.close()
     return rows, grid_maps
+
+
+def import_table(table: Path, name: str, store_dir: Path, methods: list[str], metrics: dict[str, Metric],
+                 samples: list[Any], args: Any) -> None:
+    """Fill missing chunk stores (`ChunkScores`) from an earlier benchmark run's `per_image.csv` and
+    `settings.json`: only the methods run with this run's settings, the metrics with this run's settings
+    (`metric_key`) and the chunks all of whose images that run scored; the values are copied as written
+    (the CSV keeps every float exactly). Nothing already in a store is overwritten."""
+    try:
+        settings = json.loads((table / "settings.json").read_text())
+        with open(table / "per_image.csv", newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["model"] == name and r["split"] == args.split]
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"--import-table {table}: needs a benchmark's per_image.csv and settings.json ({e})") from e
+    ours = settings_of(args)
+    same_metrics = {n: m for n, m in metrics.items() if settings.get("metrics", {}).get(n) == metric_key(m)}
+    by = {(r["method"], r["image"]): r for r in rows}
+    copied = 0
+    for method in methods:
+        if method not in settings.get("methods", {}) or settings["methods"][method] != ours.get(method, {}):
+            continue
+        tag = method_tag(method, ours)
+        for start in range(0, len(samples), args.batch_size):
+            chunk_samples = samples[start : start + args.batch_size]
+            found = [by.get((method, s.name)) for s in chunk_samples]
+            if any(r is None for r in found):
+                continue
+            files = [s.name for s in chunk_samples]
+            tag_c = f"{start:05d}-{start + len(chunk_samples):05d}"
+            store = ChunkScores.load(store_dir / tag / f"{args.split}_{tag_c}.csv", files)
+            new = {n: m for n, m in store.missing(same_metrics).items()}
+            if not new:
+                continue
+            for n, m in new.items():
+                store.scores[metric_key(m)] = [float(r[n]) for r in found]
+            if store.maps_s is None:
+                store.maps_s = sum(float(r["runtime_s"]) for r in found)
+            store.metric_s += sum(float(r["metric_s"]) for r in found)
+            store.save()
+            copied += 1
+    print(f"--import-table {table}: {copied} (method, chunk) stores filled", flush=True)
 
 
 def clean_logits(model: Any, chunk: Any, path: Path, batch: int) -> Tensor:
