@@ -27,7 +27,7 @@ from torch import Tensor
 
 from caap import CAAP
 from caap.attribution.caap import DEFAULT_LAYER_FRACTIONS
-from caap.baselines import BASELINES
+from caap.baselines import BASELINES, get_baseline
 from caap.cli import positive_int
 from caap.cpu import keep_freed_memory
 from caap.data import DEFAULT_MODEL, VAL_BOXES, Sample, box_mask, load_manifest, sample_mask, shared_data_dir
@@ -190,6 +190,33 @@ SMOOTHGRAD_SAMPLES = 16
 images, idle); the averaging noise grows as 1/sqrt(n). `--smoothgrad-samples` sets it."""
 
 
+CAAP_VARIANTS: dict[str, dict[str, Any]] = {
+    # CAAP beyond the paper (`caap.attribution.caap`: `direction`, `sets`, `density`, `estimator`), each on
+    # the default context, layers, component and score; the candidates compared on the first `dev` photos
+    # (results/caap_variants_dev) before any of them ran on `heldout`
+    "caap_necessity": {"direction": "necessity"},
+    "caap_both": {"direction": "both"},
+    "caap_sets_difference": {"sets": 256},
+    "caap_sets_regression": {"sets": 256, "estimator": "regression"},
+    "caap_sets_regression_d25": {"sets": 256, "density": 0.25, "estimator": "regression"},
+    "caap_sets_both": {"sets": 128, "direction": "both", "estimator": "regression"},
+}
+"""Named CAAP settings beside "caap" (`CAAP(model)` with its defaults): a benchmark method each."""
+
+METHOD_NAMES: list[str] = ["caap", *CAAP_VARIANTS, *BASELINES]
+"""Every method name the experiment scripts accept."""
+
+
+def is_caap(name: str) -> bool:
+    return name == "caap" or name in CAAP_VARIANTS
+
+
+def make_method(name: str, model: Any, settings: dict[str, dict[str, Any]]) -> Any:
+    """The attribution object of a method name with its settings (`method_settings`)."""
+    kw = settings.get(name, {})
+    return CAAP(model, **kw) if is_caap(name) else get_baseline(name, model, **kw)
+
+
 def method_settings(
     forward_batch: int, seed: int, rise_masks: int = RISE_MASKS, ig_steps: int = IG_STEPS,
     smoothgrad_samples: int = SMOOTHGRAD_SAMPLES, tis_masks: int | None = None,
@@ -201,6 +228,7 @@ def method_settings(
     tis = {} if tis_masks is None else {"n_masks": tis_masks}
     return {
         "caap": {},  # CAAP(model): its defaults, nothing else
+        **{name: dict(kw) for name, kw in CAAP_VARIANTS.items()},
         "random": {"seed": seed},
         "rise": {"n_masks": rise_masks, "seed": seed, "internal_batch_size": fb},
         "integrated_gradients": {"n_steps": ig_steps, "internal_batch_size": fb},
@@ -219,12 +247,12 @@ def method_tag(name: str, settings: dict[str, dict[str, Any]]) -> str:
     """A method's cache name: its name and a fingerprint of everything that changes its maps (the class's
     constructor defaults, overridden by `settings[name]` from `method_settings`; for CAAP also its default
     layer fractions), so a changed setting or default computes new maps instead of reusing stale ones."""
-    cls = CAAP if name == "caap" else BASELINES[name]
+    cls = CAAP if is_caap(name) else BASELINES[name]
     spec = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()
             if v.default is not inspect.Parameter.empty}
     spec.update(settings.get(name, {}))
     spec = {k: v for k, v in spec.items() if k not in ("internal_batch_size", "batch_size", "progress")}
-    if name == "caap":
+    if is_caap(name):
         spec["default_layer_fractions"] = DEFAULT_LAYER_FRACTIONS
     digest = hashlib.sha1(json.dumps(spec, sort_keys=True, default=repr).encode()).hexdigest()[:8]
     return f"{name}-{digest}"

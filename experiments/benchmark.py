@@ -84,6 +84,7 @@ from tqdm.auto import tqdm
 from _common import (
     AOPC_STEPS,
     IG_STEPS,
+    METHOD_NAMES,
     RISE_MASKS,
     SMOOTHGRAD_SAMPLES,
     STEPS,
@@ -111,10 +112,11 @@ from _common import (
     split_list,
     write_text,
 )
-from caap import CAAP
+from _common import (
+    make_method as make_named_method,
+)
 from caap.attribution import AttributionMethod
 from caap.attribution.caap import DEFAULT_CONTEXT, default_layers
-from caap.baselines import BASELINES, get_baseline
 from caap.contexts import weights_fingerprint
 from caap.data import DEFAULT_MODEL, class_name
 from caap.metrics import METRICS, Evaluator, Metric
@@ -124,7 +126,7 @@ from caap.stats import mean_ci
 Tensor = torch.Tensor
 
 PROG = "benchmark"
-METHODS = ["caap", *BASELINES]
+METHODS = METHOD_NAMES
 
 def settings_of(args: Any) -> dict[str, dict[str, Any]]:
     """`method_settings` with this run's flags."""
@@ -133,8 +135,7 @@ def settings_of(args: Any) -> dict[str, dict[str, Any]]:
 
 
 def make_method(name: str, model: Any, args: Any) -> AttributionMethod:
-    kw = settings_of(args).get(name, {})
-    return CAAP(model, **kw) if name == "caap" else get_baseline(name, model, **kw)
+    return make_named_method(name, model, settings_of(args))
 
 
 def parse_args(argv: list[str] | None) -> Any:
