@@ -38,11 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
 
 from _common import (
+    METHOD_NAMES,
     OneLineParser,
     UsageError,
     add_data_flags,
     load_chunk,
     load_samples,
+    make_method,
     markdown_table,
     method_settings,
     positive,
@@ -50,14 +52,12 @@ from _common import (
     split_list,
     write_report,
 )
-from caap import CAAP
-from caap.baselines import BASELINES, get_baseline
 from caap.contexts import weights_fingerprint
 from caap.metrics import Deletion, Evaluator, Insertion, TokenDeletion, TokenInsertion
 from caap.models import load_model
 
 PROG = "metric_steps"
-METHODS = ["caap", *BASELINES]
+METHODS = METHOD_NAMES
 FAMILIES = {"insertion": Insertion, "deletion": Deletion, "token_insertion": TokenInsertion,
             "token_deletion": TokenDeletion}
 
@@ -121,7 +121,7 @@ def _main(argv: list[str] | None) -> int:
         new: list[dict[str, Any]] = []
         ev = Evaluator(model, chunk.pixels, chunk.targets, batch_size=args.forward_batch)
         for method in methods:
-            obj = CAAP(model, **kw.get("caap", {})) if method == "caap" else get_baseline(method, model, **kw.get(method, {}))
+            obj = make_method(method, model, kw)
             maps = obj.attribute(chunk.pixels, target=chunk.targets).detach().float()
             values = ev.evaluate(maps, metrics)
             for j, s in enumerate(chunk.samples):

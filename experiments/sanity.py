@@ -29,6 +29,7 @@ import torch
 
 from _common import (
     IG_STEPS,
+    METHOD_NAMES,
     RISE_MASKS,
     SMOOTHGRAD_SAMPLES,
     OneLineParser,
@@ -36,6 +37,7 @@ from _common import (
     add_data_flags,
     load_chunk,
     load_samples,
+    make_method,
     markdown_table,
     method_settings,
     method_tag,
@@ -45,8 +47,6 @@ from _common import (
     split_list,
     write_report,
 )
-from caap import CAAP
-from caap.baselines import BASELINES, get_baseline
 from caap.contexts import weights_fingerprint
 from caap.files import atomic_path
 from caap.metrics.sanity import SANITY_THRESHOLD, EdgeDetector, RandomisationResult, cascading_randomisation
@@ -54,7 +54,7 @@ from caap.models import load_model
 from caap.stats import mean_ci
 
 PROG = "sanity"
-METHODS = ["caap", *BASELINES, "edge"]
+METHODS = [*METHOD_NAMES, "edge"]
 DEFAULT_METHODS = ["caap", "random", "rollout", "gae", "attention_gradcam", "gradsam", "gradcam", "input_x_gradient",
                    "integrated_gradients", "smoothgrad", "edge"]
 
@@ -65,12 +65,10 @@ def settings_of(args: Any) -> dict[str, dict[str, Any]]:
 
 
 def factory(name: str, args: Any) -> Any:
-    kw = settings_of(args).get(name, {})
     if name == "edge":
         return EdgeDetector
-    if name == "caap":
-        return lambda m: CAAP(m, **kw)
-    return lambda m: get_baseline(name, m, **kw)
+    settings = settings_of(args)
+    return lambda m: make_method(name, m, settings)
 
 
 def cache_file(out: Path, name: str, args: Any, weights: str) -> Path:
