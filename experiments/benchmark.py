@@ -166,6 +166,8 @@ def parse_args(argv: list[str] | None) -> Any:
     p.add_argument("--grid-images", type=int, default=4, help="images in the overlay grid (default 4; 0: none)")
     p.add_argument("--estimate", type=positive, nargs="?", const=4, default=None, metavar="N",
                    help="time N images (default 4) per method and metric, extrapolate the full run, and stop")
+    p.add_argument("--reference", type=lambda t: [v.strip() for v in t.split(",") if v.strip()], default=["caap"],
+                   help="comma list of methods to pair against every other method in summary.md (default caap)")
     p.add_argument("--import-table", action="append", default=[], metavar="DIR",
                    help="first fill the chunks' score stores from an earlier run's per_image.csv + settings.json (the "
                         "methods whose settings, the metrics whose settings and the chunks whose images match "
@@ -370,22 +372,57 @@ def summary_table(rows: list[dict[str, Any]], methods: list[str], metrics: dict[
     return markdown_table(["method", *(header(mt, m) for mt, m in metrics.items())], body)
 
 
+def paired_differences(rows: list[dict[str, Any]], a: str, b: str, metric: str, model: str) -> np.ndarray:
+    """Per image, method `a`'s value minus method `b`'s, over the images where both are defined."""
+    per = {(r["method"], r["image"]): r for r in rows if r["model"] == model}
+    images = [r["image"] for r in rows if r["model"] == model and r["method"] == a]
+    d = np.array([per[(a, i)][metric] - per[(b, i)][metric] for i in images if (b, i) in per], dtype=np.float64)
+    return d[np.isfinite(d)]
+
+
+def leaders(rows: list[dict[str, Any]], methods: list[str], metrics: dict[str, Metric], model: str
+            ) -> dict[str, dict[str, str]]:
+    """Per metric: the method with the best mean ("best") and the methods tied with it ("tied": the paired 95%
+    interval of their difference to the best holds 0); {metric: {method: "best" | "tied"}}."""
+    out: dict[str, dict[str, str]] = {}
+    for mt, m in metrics.items():
+        means = {me: mean_ci([r[mt] for r in rows if r["method"] == me and r["model"] == model])[0] for me in methods}
+        means = {me: v for me, v in means.items() if not np.isnan(v)}
+        if not means:
+            continue
+        best = (max if m.higher_is_better else min)(means, key=means.__getitem__)
+        out[mt] = {best: "best"}
+        for me in means:
+            if me != best:
+                mean, half, _ = mean_ci(paired_differences(rows, me, best, mt, model))
+                if not np.isnan(mean) and abs(mean) <= half:
+                    out[mt][me] = "tied"
+    return out
+
+
+def leaders_table(rows: list[dict[str, Any]], methods: list[str], metrics: dict[str, Metric], model: str) -> str:
+    """Markdown: a row per method, a column per metric: "1st" (best mean), "=1st" (tied with it: paired 95%
+    interval holding 0), blank otherwise; and the count of metrics where the method is first or tied-first."""
+    lead = leaders(rows, methods, metrics, model)
+    body = []
+    for me in methods:
+        cells = [{"best": "1st", "tied": "=1st"}.get(lead.get(mt, {}).get(me, ""), "") for mt in metrics]
+        body.append([me, *cells, str(sum(bool(c) for c in cells))])
+    return markdown_table(["method", *(header(mt, m) for mt, m in metrics.items()), "first or tied"], body)
+
+
 def paired_table(rows: list[dict[str, Any]], methods: list[str], metrics: dict[str, Metric], model: str,
                  reference: str = "caap") -> str:
     """Markdown: a row per other method, a column per metric: the per-image difference `reference` minus
     method (mean ± 95% CI over the images where both are defined), marked +, - or = by the direction
     of the metric. Paired intervals are much narrower than the two methods' own intervals."""
-    per = {(r["method"], r["image"]): r for r in rows if r["model"] == model}
-    images = [r["image"] for r in rows if r["model"] == model and r["method"] == reference]
     body = []
     for me in methods:
         if me == reference:
             continue
         cells = []
         for mt, m in metrics.items():
-            d = np.array([per[(reference, i)][mt] - per[(me, i)][mt] for i in images if (me, i) in per],
-                         dtype=np.float64)
-            mean, half, _ = mean_ci(d)
+            mean, half, _ = mean_ci(paired_differences(rows, reference, me, mt, model))
             if np.isnan(mean):
                 cells.append("n/a")
                 continue
@@ -414,11 +451,16 @@ def write_outputs(rows: list[dict[str, Any]], grids: dict[str, Any], models: lis
     parts = [f"# Benchmark: {n} images of the `{args.split}` split, target = the true class", ""]
     for name, _ in models:
         parts += [f"## {name}", "", summary_table(rows, methods, metrics, name), ""]
-        if "caap" in methods and len(methods) > 1:
-            parts += [f"### CAAP against each method, paired over images ({name.split('.')[0]})", "",
-                      paired_table(rows, methods, metrics, name), "",
-                      ("CAAP's value minus the method's, per image, then mean ± 95% CI (Student t) of those "
-                      "differences; `+` CAAP better, `-` CAAP worse (the interval excludes 0 on that side, in the "
+        if len(methods) > 1:
+            parts += [f"### First or tied-first per metric ({name.split('.')[0]})", "",
+                      leaders_table(rows, methods, metrics, name), "",
+                      ("1st: the best mean; =1st: the paired 95% interval (Student t) of the per-image difference to the "
+                       "best method holds 0."), ""]
+        for ref in [r for r in args.reference if r in methods] if len(methods) > 1 else []:
+            parts += [f"### {ref} against each method, paired over images ({name.split('.')[0]})", "",
+                      paired_table(rows, methods, metrics, name, reference=ref), "",
+                      (f"{ref}'s value minus the method's, per image, then mean ± 95% CI (Student t) of those "
+                      f"differences; `+` {ref} better, `-` {ref} worse (the interval excludes 0 on that side, in the "
                       "metric's direction), `=` the interval contains 0."), ""]
     parts += [
         ("Mean ± half-width of the 95% confidence interval (Student t) over images; ↑ higher is better, "
@@ -510,6 +552,8 @@ def command_flags(args: Any) -> list[str]:
         v = getattr(args, key)
         if v is not None:
             flags.append(f"--{key.replace('_', '-')} {v}")
+    if args.reference != ["caap"]:
+        flags.append(f"--reference {','.join(args.reference)}")
     return flags
 
 

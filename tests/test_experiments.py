@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
@@ -167,6 +168,55 @@ def test_paired_table_known_answers():
     assert lines["a"] == ["+ +0.100 ± 0.000", "- +0.100 ± 0.000"]
     assert lines["b"][0].startswith("= ") and lines["b"][1] == "= +0.000 ± 0.000"  # the NaN image is left out
     assert "caap" not in lines
+
+
+def test_leaders_known_answers():
+    """The best mean per metric, and the methods whose paired interval to it holds 0."""
+    from caap.metrics import get_metric
+
+    metrics = {"pointing_game": get_metric("pointing_game"), "deletion": get_metric("deletion")}
+    rows = []
+    for i in range(6):
+        rows.append({"model": "m", "method": "caap", "image": f"{i}", "pointing_game": 0.5 + 0.01 * i,
+                     "deletion": 0.5 + 0.01 * i})
+        rows.append({"model": "m", "method": "a", "image": f"{i}", "pointing_game": 0.4 + 0.01 * i,
+                     "deletion": 0.4 + 0.01 * i})
+        rows.append({"model": "m", "method": "b", "image": f"{i}", "pointing_game": 0.5 + 0.01 * i + (-1) ** i * 0.05,
+                     "deletion": 0.41 + 0.01 * i + (-1) ** i * 0.05})
+    lead = benchmark.leaders(rows, ["caap", "a", "b"], metrics, "m")
+    assert lead["pointing_game"] in ({"caap": "best", "b": "tied"}, {"b": "best", "caap": "tied"})
+    assert lead["deletion"] == {"a": "best", "b": "tied"}  # lower is better; caap is 0.1 worse on every image
+    table = benchmark.leaders_table(rows, ["caap", "a", "b"], metrics, "m")
+    counts = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in table.splitlines()[2:]}
+    assert counts == {"caap": "1", "a": "1", "b": "2"}
+
+
+def test_chunk_stores_continue_without_cache(bench_out, world, monkeypatch, tmp_path):
+    """The committed per-chunk scores alone (no maps, no cache) give the same table; --import-table fills a
+    new run's stores from a finished run's per_image.csv with nothing computed."""
+    before = _rows(bench_out / "per_image.csv")
+    fresh = tmp_path / "fresh"
+    shutil.copytree(bench_out / "chunks", fresh / "chunks")
+    monkeypatch.setattr(benchmark, "make_method", _boom)
+    monkeypatch.setattr(Evaluator, "evaluate", _boom)
+    assert benchmark.main(_bench_flags(world, fresh)) == 0
+    assert _rows(fresh / "per_image.csv") == before
+    imported = tmp_path / "imported"
+    assert benchmark.main([*_bench_flags(world, imported), "--import-table", str(bench_out)]) == 0
+    got = _rows(imported / "per_image.csv")
+    assert [(r["method"], r["image"], r["deletion"], r["box_energy"]) for r in got] == [
+        (r["method"], r["image"], r["deletion"], r["box_energy"]) for r in before]
+
+
+def test_chunk_store_recovers_from_a_bad_file(tmp_path):
+    path = tmp_path / "s.csv"
+    path.write_text("image,maps_s\ncut short")
+    assert common.ChunkScores.load(path, ["a.png"]).scores == {}
+    store = common.ChunkScores(path, ["a.png", "b.png"], {"X()": [0.25, float("nan")]}, 2.0, 1.0, 10)
+    store.save()
+    back = common.ChunkScores.load(path, ["a.png", "b.png"])
+    assert back.scores["X()"][0] == 0.25 and np.isnan(back.scores["X()"][1]) and back.maps_s == 2.0
+    assert common.ChunkScores.load(path, ["b.png", "a.png"]).scores == {}  # other images: recomputed
 
 
 def test_benchmark_resumes_without_recomputing(bench_out, world, monkeypatch, capsys):
