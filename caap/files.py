@@ -6,17 +6,46 @@ Ctrl-C while writing leaves the previous file (or none), never a truncated one, 
 same file each leave a complete file behind. `atomic_paths` does the same for a group of files that
 belong together (a PNG, an HTML view, a `.npy` and a JSON): they appear together, after all were
 written.
+
+Permissions: a file written here gets the mode a plain `open(path, "w")` would give it: that of the
+file it replaces, else 0666 less the process's umask (0644 under the usual umask 022), not the 0600 of
+the temporary file it was written as.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_paths"]
+__all__ = ["atomic_path", "atomic_paths", "new_file_mode"]
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux: /proc), else by
+    setting it and setting it back."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode(path: str | os.PathLike) -> int:
+    """The permission bits `path` gets when written: those of the file it replaces, else 0666 less the
+    umask (what `open(path, "w")` gives a new file)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
 
 
 def _temporary_beside(path: Path) -> Path:
@@ -39,6 +68,7 @@ def atomic_paths(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
             temps.append(_temporary_beside(final))
         yield temps
         for tmp, final in zip(temps, finals):
+            os.chmod(tmp, new_file_mode(final))  # mkstemp made it 0600
             os.replace(tmp, final)
     finally:
         for tmp in temps:
