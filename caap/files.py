@@ -15,13 +15,14 @@ the temporary file it was written as.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_paths", "new_file_mode"]
+__all__ = ["atomic_path", "atomic_paths", "file_digest", "new_file_mode"]
 
 
 def _umask() -> int:
@@ -81,3 +82,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path that becomes `path` when the block ends without an error (see `atomic_paths`)."""
     with atomic_paths([path]) as (tmp,):
         yield tmp
+
+
+def file_digest(path: str | os.PathLike, length: int = 16) -> str:
+    """The first `length` hex digits of the SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:length]
