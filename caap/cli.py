@@ -364,7 +364,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
                 n: {"settings": method_settings(methods[n], kwargs[n]), "seconds": round(seconds[n], 3),
                     "map": files[im.stem][i].name, "shape": list(maps[n].shape)} for i, n in enumerate(names)},
                 "files": [p.name for p in files[im.stem][:-1]]}
-            title = f"'{class_name(cls)}' ({cls})"
+            title = f"{im.stem}: maps for '{class_name(cls)}' ({cls})"
             subtitles = {n: f"{seconds[n]:.2f} s" for n in names}
             with atomic_paths(files[im.stem]) as paths:
                 for n, npy in zip(names, paths):
@@ -423,7 +423,7 @@ def cmd_methods(args: argparse.Namespace) -> None:
     print(f"{len(METHODS)} attribution methods (caap explain --method NAME; caap methods NAME lists its options)")
     if any_cost is not None:
         print(f"cost: seconds per image for the maps alone, measured on {any_cost.model} with {any_cost.machine} "
-              f"({any_cost.source}, {any_cost.images} images; in brackets where that run's settings differ from "
+              f"({any_cost.source}, {any_cost.images} images; in parentheses where that run's settings differ from "
               f"the method's defaults)")
     print()
     for name, cls in METHODS.items():

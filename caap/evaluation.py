@@ -73,7 +73,7 @@ class MapSet:
         """One map as float32 [h, w]; a ValueError if it holds NaN or infinite values."""
         value = self.maps[method][image]
         m = np.load(value, allow_pickle=False) if isinstance(value, Path) else value
-        m = np.asarray(m, dtype=np.float32)
+        m = np.array(m, dtype=np.float32)  # a writable copy (torch.from_numpy takes it as is)
         if not np.isfinite(m).all():
             raise ValueError(f"the {method} map of {image} ({value if isinstance(value, Path) else self.source}) "
                              f"holds NaN or infinite values; maps must be finite")
@@ -211,16 +211,19 @@ class EvaluationPlan:
                 need: dict[str, list[int]] = {}
                 digests: dict[tuple[str, str], str] = {}
                 loaded: dict[tuple[str, str], np.ndarray] = {}
+                kept: dict[tuple[str, str], dict[str, float]] = {}  # values of an earlier run for the same map
                 for method in methods:
                     for j, image in enumerate(names):
                         if image not in self.maps.maps[method]:
                             continue
                         m = self.maps.load(method, image)
                         loaded[(method, image)] = m
-                        digests[(method, image)] = hashlib.sha1(m.tobytes() + str(m.shape).encode()).hexdigest()[:16]
+                        digest = hashlib.sha1(m.tobytes() + str(m.shape).encode()).hexdigest()[:16]
+                        digests[(method, image)] = digest
                         old = old_rows.get((method, image))
-                        if old is not None and old.get("map_digest") == digests[(method, image)] and all(
-                                _finite_or_nan(old.get(n)) is not None for n in self.metrics):
+                        if old is not None and old.get("map_digest") == digest:
+                            kept[(method, image)] = {n: old[n] for n in self.metrics if old.get(n) is not None}
+                        if len(kept.get((method, image), {})) == len(self.metrics):
                             rows[(method, image)] = old
                             reused += 1
                             bar.update(1)
@@ -247,15 +250,18 @@ class EvaluationPlan:
                             sel = torch.tensor(idx, device=pixels.device)
                             evaluators[key] = Evaluator(model, pixels[sel], targets[sel], masks[sel], clean[sel],
                                                         self.batch_size)
+                        todo = {n: m for n, m in self.metrics.items()
+                                if any(n not in kept.get((method, names[j]), {}) for j in idx)}
                         maps = torch.stack([torch.from_numpy(loaded[(method, names[j])]) for j in idx])
-                        values = evaluators[key].evaluate(maps, self.metrics)
+                        values = evaluators[key].evaluate(maps, todo)
                         for k, j in enumerate(idx):
                             image = names[j]
                             rows[(method, image)] = {
                                 "method": method, "image": image, "class_index": chunk[j].class_index,
                                 "target": int(targets[j]), "predicted": int(predicted[j]),
                                 "map_digest": digests[(method, image)],
-                                **{n: float(values[n][k]) for n in self.metrics},
+                                **kept.get((method, image), {}),
+                                **{n: float(v[k]) for n, v in values.items()},
                             }
                             computed += 1
                             bar.update(1)
@@ -316,13 +322,14 @@ class EvaluationPlan:
         values = [{**r, **{n: _finite_or_nan(r[n]) for n in self.metrics}} for r in rows]
         present = [m for m in methods if any(r["method"] == m for r in values)]
         n = len(self.samples)
-        lines = [f"# Scores of {', '.join(present)} on {n} images of {self.settings['data']}"
-                 + (f" (split {self.settings['split']})" if self.settings.get("split") else ""), "",
+        lines = [f"# Scores of the maps in {self.maps.source}: {', '.join(present)}", "",
+                 f"Images: {n} of {self.settings['data']}"
+                 + (f" (split {self.settings['split']})" if self.settings.get("split") else "")
+                 + f". Target: {self.settings['target']}. Model: {self.settings['model']}.", "",
                  summary_table(values, present, self.metrics), "",
                  ("Mean ± half-width of the 95% confidence interval (Student t) over images; ↑ higher is better, "
                   "↓ lower is better; bold: the best mean of a column. Undefined values (e.g. an image without "
                   "boxes for a localisation metric) are left out of the mean."), "",
-                 f"Target: {self.settings['target']}. Model: {self.settings['model']}. Maps: {self.maps.source}.", "",
                  "Metric settings: " + "; ".join(f"`{metric_key(m)}`" for m in self.metrics.values())]
         missing = {m: v for m, v in self.missing().items() if v}
         if missing:

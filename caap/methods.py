@@ -295,7 +295,7 @@ class MeasuredCost:
 
     def describe(self) -> str:
         """e.g. "8.26 s (n_masks=500)"."""
-        s = f"{self.seconds:.3g} s" if self.seconds >= 0.001 else "<0.001 s"
+        s = "<0.001 s" if self.seconds < 0.001 else f"{self.seconds:.3f} s" if self.seconds < 1 else f"{self.seconds:.2f} s"
         knobs = ", ".join(f"{k}={v}" for k, v in self.settings.items())
         return f"{s} ({knobs})" if knobs else s
 

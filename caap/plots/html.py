@@ -235,11 +235,11 @@ def comparison_figure(
                for i, name in enumerate(names)]
     levels = np.round(np.linspace(0, 1, 11), 2)
     fig.update_layout(
-        title=dict(text=heading(names[0])),
+        title=dict(text=heading(names[0]), y=0.98, yanchor="top"),
         height=height,
-        margin=dict(l=10, r=10, t=90, b=10),
-        updatemenus=[dict(type="buttons", direction="right", buttons=buttons, x=0, xanchor="left", y=1.12,
-                          yanchor="top", showactive=True, pad=dict(r=4, t=4))],
+        margin=dict(l=10, r=10, t=100, b=10),
+        updatemenus=[dict(type="buttons", direction="right", buttons=buttons, x=0, xanchor="left", y=1.0,
+                          yanchor="bottom", showactive=True, pad=dict(r=4, b=6))],
         sliders=[dict(active=int(np.argmin(np.abs(levels - a))), currentvalue=dict(prefix="map opacity: "),
                       pad=dict(t=10),
                       steps=[dict(method="restyle", args=[{"opacity": float(v)}, list(range(1, len(names) + 1))],

@@ -358,6 +358,8 @@ def save_comparison_png(
         ax.set_axis_off()
     axes[0].imshow(img)
     axes[0].set_title("image", fontsize=10)
+    spacer = fig.colorbar(ScalarMappable(Normalize(0, 1), _colormap(cmap)), ax=axes[0], fraction=0.046, pad=0.02)
+    spacer.ax.set_visible(False)  # the photo as large as the overlays
     for ax, (name, m) in zip(axes[1:], maps.items()):
         raw = _as_map(m, f"maps[{name!r}]")
         ax.imshow(overlay_array(img, raw, alpha=alpha, cmap=cmap, interpolation=interpolation))
