@@ -114,6 +114,10 @@ def find_maps(source: str | os.PathLike, images: Sequence[str]) -> MapSet:
         method = name[len(match) + 1 :] if name != match else path.resolve().name
         maps.setdefault(method, {})[stems[match]] = f
         shapes.setdefault(method, {})[stems[match]] = _npy_shape(f)
+    from caap.methods import METHODS
+
+    known = list(METHODS)  # the registry's order (CAAP first), then the folder's other names
+    maps = dict(sorted(maps.items(), key=lambda kv: (known.index(kv[0]) if kv[0] in known else len(known), kv[0])))
     if not maps:
         example = Path(images[0]).stem if images else "IMAGE"
         raise ValueError(f"no map in {source} belongs to an image of the manifest (looked for <image stem>.npy or "
