@@ -113,8 +113,8 @@ positive = positive_int
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-# STEPS, AOPC_STEPS, metric_settings, build_metrics, metric_key, arrow, header: `caap.metrics.protocol`
-# (imported above), shared with `caap evaluate`
+# STEPS, AOPC_STEPS, metric_settings, build_metrics, metric_key, arrow, header, fmt, markdown_table:
+# `caap.metrics.protocol` (imported above), shared with `caap evaluate`
 
 
 # ---------------------------------------------------------------------------------------------- methods
