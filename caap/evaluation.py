@@ -135,6 +135,10 @@ def _npy_shape(path: Path) -> tuple[int, ...]:
 def _parquet_maps(path: Path, images: Sequence[str]) -> MapSet:
     from caap.dataset import read_results
 
+    folders = [path] if path.name.startswith("settings-") else sorted(path.glob("settings-*"))
+    if len(folders) > 1:
+        raise ValueError(f"{path} holds the maps of {len(folders)} settings ({', '.join(f.name for f in folders)}); "
+                         f"give one of these folders")
     frame = read_results(path)
     settings = json.loads(frame["settings"].iloc[0]) if len(frame) else {}
     method = settings.get("method", "caap")
