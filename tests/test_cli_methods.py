@@ -218,6 +218,8 @@ def test_dataset_rows_name_the_method_and_its_settings(world, tmp_path, capsys):
         settings = json.loads(rows["settings"].iloc[0])
         assert settings["method"] == "random" and settings["options"]["seed"] in (1, 2)
         assert rows["context_score"].isna().all() and len(rows) == 3
+    code, _, err = _run(["evaluate", out, "--data", world["data"], "--out", tmp_path / "s", *_flags(world)], capsys)
+    assert code == 2 and "holds the maps of 2 settings" in err and folders[0].name in err
     code, stdout, err = _run(["explain-dataset", world["data"], "--method", "random", "--option", "seed=1",
                               "--force", "--out", out, *_flags(world)], capsys)
     assert code == 0 and "3 explained, 0 failed, 0 already done" in stdout, err  # --force: every image again
@@ -442,6 +444,17 @@ def test_evaluate_with_missing_maps_scores_the_rest_and_exits_nonzero(world, ben
                          f"2 are scored")]
     rows = _rows(tmp_path / "scores" / "per_image.csv")
     assert len(rows) == 3 * 3 - 1 and ("gae", "images/b.png") not in {(r["method"], r["image"]) for r in rows}
+
+
+def test_evaluate_scores_the_target_asked_for(world, bench, tmp_path, capsys):
+    code, _, err = _run(["evaluate", bench / "npy", "--data", world["data"], "--metrics", "deletion", "--steps", "7",
+                         "--target", "predicted", "--out", tmp_path / "p", *_flags(world)], capsys)
+    assert code == 0, err
+    rows = _rows(tmp_path / "p" / "per_image.csv")
+    assert all(r["target"] == r["predicted"] for r in rows)
+    code, _, err = _run(["evaluate", bench / "npy", "--data", world["data"], "--metrics", "deletion", "--steps", "7",
+                         "--target", "5", "--out", tmp_path / "c", *_flags(world)], capsys)
+    assert code == 0 and {r["target"] for r in _rows(tmp_path / "c" / "per_image.csv")} == {"5"}
 
 
 def test_evaluate_refuses_bad_input_before_loading(world, bench, tmp_path, capsys, monkeypatch):
