@@ -80,9 +80,17 @@ def world(tmp_path_factory):
     return {"root": root, "ckpt": ckpt, "data": data, "photo": data / "images" / "a.png"}
 
 
+def _clear_class_names() -> None:
+    from caap import data
+
+    for cached in (data.class_names, data._class_names_as_written, data._class_synonyms):
+        cached.cache_clear()
+
+
 @pytest.fixture(autouse=True)
 def small_model(world, monkeypatch, tmp_path):
-    """timm.create_model forced to the small shape; no shared folder, no checkpoint folder."""
+    """timm.create_model forced to the small shape; no shared folder, no checkpoint folder; class names read
+    afresh (with or without the shared labels) and not left cached for other tests."""
     create = timm.create_model
 
     def small(name, pretrained=False, **kwargs):
@@ -92,6 +100,9 @@ def small_model(world, monkeypatch, tmp_path):
     monkeypatch.setenv("CAAP_SHARED_DIR", str(tmp_path / "no_shared"))
     monkeypatch.setenv("CAAP_CACHE_DIR", str(world["root"] / "cache"))
     monkeypatch.delenv("CAAP_CHECKPOINT_DIR", raising=False)
+    _clear_class_names()
+    yield
+    _clear_class_names()
 
 
 def _model(world):
