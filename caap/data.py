@@ -128,22 +128,29 @@ def class_names() -> list[str]:
 
 
 @lru_cache(maxsize=1)
-def _class_synonyms() -> list[set[str]]:
-    """Every name each ImageNet-1k class answers to: the short name of the shared labels and all of
-    WordNet's comma-separated synonyms that timm ships (e.g. 281: tabby, tabby cat)."""
-    def norm(text: str) -> str:
-        return " ".join(text.lower().replace("_", " ").split())
-
-    out = [{norm(n)} for n in class_names()]
+def _class_names_as_written() -> list[list[str]]:
+    """Every name each ImageNet-1k class answers to, as written: the short name of the shared labels and
+    all of WordNet's comma-separated synonyms that timm ships (e.g. 281: tabby, tabby cat)."""
+    out = [[n.replace("_", " ").strip()] for n in class_names()]
     try:
         from timm.data import ImageNetInfo
 
         info = ImageNetInfo()
         for i, names in enumerate(out):
-            names.update(norm(n) for n in info.index_to_description(i).split(","))
+            names.extend(n.strip() for n in info.index_to_description(i).split(",") if n.strip())
     except Exception:  # pragma: no cover - depends on timm's bundled metadata
         pass
     return out
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().replace("_", " ").split())
+
+
+@lru_cache(maxsize=1)
+def _class_synonyms() -> list[set[str]]:
+    """`_class_names_as_written`, lower case, one space between words: what a name is compared with."""
+    return [{_norm(n) for n in names} for names in _class_names_as_written()]
 
 
 def class_index(name: str, n_classes: int = 1000) -> int:
@@ -161,10 +168,36 @@ def class_index(name: str, n_classes: int = 1000) -> int:
     if matches:
         listed = "; ".join(f"{i} ({_description(i)})" for i in matches)
         raise ValueError(f"class name {name!r} is ambiguous, it names {len(matches)} classes: {listed}; pass the index")
+    containing = classes_containing(key, n_classes)
+    hint = ""
+    if containing:
+        shown = ", ".join(f"{n} ({i})" for i, n in containing[:_SHOWN])
+        more = f" and {len(containing) - _SHOWN} more" if len(containing) > _SHOWN else ""
+        hint = f"; classes whose names contain it: {shown}{more}"
     every = sorted({n for names in synonyms for n in names})
-    close = difflib.get_close_matches(key, every, n=5)
-    hint = f"; close matches: {', '.join(close)}" if close else ""
+    close = [c for c in difflib.get_close_matches(key, every, n=5) if all(c != _norm(n) for _, n in containing)]
+    hint += f"; close matches: {', '.join(close)}" if close else ""
     raise ValueError(f"{name!r} is not an ImageNet class name{hint}; pass a class index 0..{n_classes - 1} or a name")
+
+
+_SHOWN = 10
+
+
+def classes_containing(word: str, n_classes: int = 1000) -> list[tuple[int, str]]:
+    """The ImageNet-1k classes one of whose names holds `word` as whole words ("cat": tabby cat, tiger
+    cat, Persian cat, ...; not "polecat"), as (index, that name), by index."""
+    import re
+
+    key = _norm(word)
+    if not key:
+        return []
+    pattern = re.compile(rf"(?<![\w-]){re.escape(key)}(?![\w-])")
+    out = []
+    for i, names in enumerate(_class_names_as_written()[:n_classes]):
+        hits = [n for n in names if pattern.search(_norm(n))]
+        if hits:
+            out.append((i, min(hits, key=len)))
+    return out
 
 
 def _description(index: int) -> str:

@@ -1,5 +1,6 @@
-"""Explain a whole dataset: a CAAP map for every image of a folder, a manifest or a list file, written as
-Parquet shards that pandas and pyarrow read directly; resumable; in one process, or on Ray Data.
+"""Explain a whole dataset: a map for every image of a folder, a manifest or a list file (CAAP by default,
+or any method of `caap.methods`), written as Parquet shards that pandas and pyarrow read directly;
+resumable; in one process, or on Ray Data.
 
     from caap.dataset import explain_dataset, read_results
     summary = explain_dataset("photos/", "maps/")              # one process
@@ -7,20 +8,23 @@ Parquet shards that pandas and pyarrow read directly; resumable; in one process,
     table = read_results("maps/")                              # a pandas DataFrame, one row per image
 
 Layout of the output folder: one subfolder per settings hash, `<out>/settings-<hash>/`, holding
-`settings.json` and shards `part-<n>-<id>.parquet`. Runs with other settings (another model, layer
-range, context, ...) go to another subfolder, so results of different settings never mix. A shard is
-written to a temporary name and renamed into place (`caap.files`), so it is complete or absent.
+`settings.json` and shards `part-<n>-<id>.parquet`. Runs with other settings (another model, method,
+layer range, context, method option, ...) go to another subfolder, so results of different settings
+never mix. A shard is written to a temporary name and renamed into place (`caap.files`), so it is
+complete or absent.
 
 One row per image: `image_id` (the path relative to the input, unique), `path`, `status` ("ok" or
 "failed"), `error` (why it failed), `label` (the manifest's class, or null), `predicted`, `target` (the
-class explained), `context_score` (the target logit of the unpatched context run: what the default
-score `logit_diff` subtracts), `map` (a fixed-size list of grid_h * grid_w float32 values, row-major
-patches), `grid_h`, `grid_w`, `seconds`, `settings_hash`, `settings` (JSON).
+class explained), `context_score` (CAAP's: the target logit of the unpatched context run, what the
+default score `logit_diff` subtracts; null for other methods), `map` (a fixed-size list of grid_h *
+grid_w float32 values, row-major patches, or pixels for a pixel-level method), `grid_h`, `grid_w`,
+`seconds`, `settings_hash`, `settings` (JSON: the model, the weights' digest, the target mode, `method`
+and its settings).
 
 Resuming: a run with the same settings first reads the shards already there and skips every image with
 a row (ok or failed; `retry_failed=True` explains the failed ones again, and `read_results` keeps one row
 per image, an ok row before a failed one). A run killed half-way therefore loses at most the images of
-the shard in progress. Images are explained one at a time in both paths (a CAAP call per image), so the
+the shard in progress. Images are explained one at a time in both paths (one method call per image), so the
 Ray path gives the same maps as the local one: bit for bit where each Ray worker runs as many torch
 threads as the local process, and to float rounding otherwise (two workers on two cores run one thread
 each, and a matrix product's summation order depends on its thread count: differences of a few 1e-6 on
@@ -38,7 +42,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +115,18 @@ def list_items(source: str | os.PathLike, split: str | None = None, limit: int |
     return (items[:limit] if limit is not None else items), skipped
 
 
+CAAP_FIELDS = ("layers", "context", "component", "score", "precision")
+"""DatasetSettings fields that are CAAP's settings (another method takes its settings in `options`)."""
+
+
 @dataclass(frozen=True)
 class DatasetSettings:
-    """Everything that changes a map: the settings hash is computed from these (and the weights' digest)."""
+    """Everything that changes a map: the settings hash is computed from these (and the weights' digest).
+
+    `method` is any name of `caap.methods.METHODS` (default CAAP); CAAP's settings are the fields
+    `layers`, `context`, `component`, `score` and `precision`; another method's are `options` (its
+    constructor's keyword arguments, e.g. {"n_masks": 1000} for RISE). `batch_size` (rows per forward
+    pass) and `device` change only the speed, so they are not part of the hash."""
 
     model: str
     checkpoint: str | None = None
@@ -124,36 +137,79 @@ class DatasetSettings:
     target: str = "auto"
     precision: str = "fp32"
     device: str = "cpu"
+    method: str = "caap"
+    options: dict[str, Any] = field(default_factory=dict)
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGET_MODES and not self.target.isdigit():
             raise ValueError(f"target must be one of {', '.join(TARGET_MODES)} or a class index, got {self.target!r}")
         from caap.attribution.caap import PRECISIONS
+        from caap.methods import COMMAND_LINE_FLAGS, canonical_name, method_class
 
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        method_class(self.method)  # a ValueError naming the accepted methods
+        object.__setattr__(self, "method", canonical_name(self.method))
+        if self.method != "caap":
+            defaults = DatasetSettings(model=self.model)
+            changed = [f for f in CAAP_FIELDS if getattr(self, f) != getattr(defaults, f)]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} CAAP's setting"
+                                 f"{'' if len(changed) == 1 else 's'}; {self.method}'s settings go in options=")
+        unknown = [k for k in self.options if k in COMMAND_LINE_FLAGS or k not in _parameters(self.method)]
+        if unknown:
+            raise ValueError(f"{self.method} takes no option {unknown[0]!r}; it takes: "
+                             f"{', '.join(k for k in _parameters(self.method) if k not in COMMAND_LINE_FLAGS) or 'none'}")
+
+    def method_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments the method is built with (`caap.methods.get_method`)."""
+        kwargs = dict(self.options)
+        params = _parameters(self.method)
+        if self.method == "caap":
+            kwargs.update(layers=self.layers, context=self.context, component=self.component, score=self.score,
+                          precision=self.precision)
+        for name in ("batch_size", "internal_batch_size"):
+            if self.batch_size is not None and name in params:
+                kwargs[name] = self.batch_size
+        return kwargs
 
     def resolved(self) -> dict[str, Any]:
         """The settings as stored with every row: the checkpoint replaced by a digest of its bytes, the
-        default layer range made explicit (two runs that mean the same thing get one hash)."""
+        method's defaults made explicit (two runs that mean the same thing get one hash): for CAAP the
+        layer range, for another method every constructor setting."""
         from caap.attribution.caap import default_layers
+        from caap.files import file_digest
+        from caap.methods import COMMAND_LINE_FLAGS
         from caap.models import find_checkpoint, model_config
 
         cfg, _ = model_config(self.model)
         path = find_checkpoint(self.model, self.checkpoint)
-        weights = f"sha256:{_file_digest(path)}" if path is not None else f"hub:{self.model}"
-        layers = list(self.layers) if self.layers is not None else list(default_layers(cfg.n_layers))
-        out = {**asdict(self), "checkpoint": weights, "layers": layers}
-        out.pop("device")  # where it runs does not change the map (up to float rounding)
+        weights = f"sha256:{file_digest(path)}" if path is not None else f"hub:{self.model}"
+        out = {k: v for k, v in asdict(self).items() if k not in ("device", "batch_size", "options")}
+        out["checkpoint"] = weights
+        if self.method == "caap":  # the keys of CAAP runs before other methods were offered, plus "method"
+            out["layers"] = list(self.layers) if self.layers is not None else list(default_layers(cfg.n_layers))
+            if self.options:
+                out["options"] = json.loads(json.dumps(self.options, default=repr))
+        else:
+            for f in CAAP_FIELDS:
+                out.pop(f)
+            spec = {k: v for k, v in _parameters(self.method).items() if k not in COMMAND_LINE_FLAGS}
+            spec.update(self.options)
+            out["options"] = json.loads(json.dumps(spec, sort_keys=True, default=repr))
         return out
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+def _parameters(method: str) -> dict[str, Any]:
+    """{keyword: default} of a method's constructor (after the model)."""
+    import inspect
+
+    from caap.methods import method_class
+
+    params = list(inspect.signature(method_class(method).__init__).parameters.values())[2:]
+    return {p.name: None if p.default is inspect.Parameter.empty else p.default for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -265,7 +321,6 @@ class Explainer:
     def __init__(self, settings: DatasetSettings, num_threads: int | None = None) -> None:
         import torch
 
-        from caap import CAAP
         from caap.cpu import keep_freed_memory
         from caap.models import load_model
 
@@ -273,8 +328,9 @@ class Explainer:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self.model = load_model(settings.model, settings.checkpoint, device=settings.device)
-        self.method = CAAP(self.model, layers=settings.layers, context=settings.context,
-                           component=settings.component, score=settings.score, precision=settings.precision)
+        from caap.methods import get_method
+
+        self.method = get_method(settings.method, self.model, **settings.method_kwargs())
         self.target = settings.target
 
     def __call__(self, item: Item, pixels: Any) -> dict[str, Any]:
@@ -292,8 +348,9 @@ class Explainer:
             target = item.label
         else:
             target = predicted
-        amap = self.method.attribute(x, target=target)[0].float().cpu()
-        context_score = float(self.method.context_scores(x, target=target)[0])
+        amap = self.method.attribute(x, target=target)[0].detach().float().cpu()
+        context_scores = getattr(self.method, "context_scores", None)  # CAAP's: what logit_diff subtracts
+        context_score = float(context_scores(x, target=target)[0]) if context_scores is not None else None
         return {
             **_row_base(item), "status": "ok", "error": None, "predicted": predicted, "target": target,
             "context_score": context_score, "map": amap.flatten().tolist(), "grid_h": amap.shape[0],

@@ -93,7 +93,6 @@ from _common import (
     UsageError,
     arrow,
     build_metrics,
-    fmt,
     header,
     input_frame_boxes,
     load_cached_maps,
@@ -120,6 +119,7 @@ from caap.attribution.caap import DEFAULT_CONTEXT, default_layers
 from caap.contexts import weights_fingerprint
 from caap.data import DEFAULT_MODEL, class_name
 from caap.metrics import METRICS, Evaluator, Metric
+from caap.metrics.protocol import summary_table as protocol_summary_table
 from caap.models import load_model
 from caap.stats import mean_ci
 
@@ -353,23 +353,9 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def summary_table(rows: list[dict[str, Any]], methods: list[str], metrics: dict[str, Metric], model: str) -> str:
-    """Markdown: a row per method, a column per metric ("name ↑/↓"), mean ± 95% CI; best in bold."""
-    stats = {(me, mt): mean_ci([r[mt] for r in rows if r["method"] == me and r["model"] == model])
-             for me in methods for mt in metrics}
-    best = {}
-    for mt, m in metrics.items():
-        means = [stats[(me, mt)][0] for me in methods if not np.isnan(stats[(me, mt)][0])]
-        if means:
-            best[mt] = max(means) if m.higher_is_better else min(means)
-    body = []
-    for me in methods:
-        cells = []
-        for mt in metrics:
-            mean, half, _ = stats[(me, mt)]
-            text = fmt(mean, half)
-            cells.append(f"**{text}**" if len(methods) > 1 and mean == best.get(mt) else text)
-        body.append([me, *cells])
-    return markdown_table(["method", *(header(mt, m) for mt, m in metrics.items())], body)
+    """Markdown: a row per method, a column per metric ("name ↑/↓"), mean ± 95% CI; best in bold
+    (`caap.metrics.protocol.summary_table` over this model's rows)."""
+    return protocol_summary_table([r for r in rows if r["model"] == model], methods, metrics)
 
 
 def paired_differences(rows: list[dict[str, Any]], a: str, b: str, metric: str, model: str) -> np.ndarray:

@@ -27,6 +27,10 @@ class AttributionMethod(ABC):
     name: str = "method"
     #: "patch" if maps come on the patch grid, "pixel" if at image resolution
     resolution: str = "patch"
+    #: one line on what the method computes (`caap methods` lists it)
+    summary: str = ""
+    #: the paper that defines the method: authors, year, venue
+    paper: str = ""
 
     def __init__(self, model: HookedViT) -> None:
         self.model = model

@@ -135,6 +135,8 @@ class CAAP(AttributionMethod):
     """
 
     name = "caap"
+    summary = "each patch's source activation patched into a neutral context over a layer range; the target score is its attribution"
+    paper = "CAAP, Causal Attribution via Activation Patching (arXiv 2603.13652)"
     resolution = "patch"
 
     def __init__(

@@ -26,6 +26,9 @@
 | beyond_intuition_head  | BeyondIntuitionHead            | Chen et al. 2023 (BT-H)                 | patch      |
 | beyond_intuition_token | BeyondIntuitionToken           | Chen et al. 2023 (BT-T)                 | patch      |
 
+Every method with CAAP, by name, with its options read from text and its measured cost:
+`caap.methods.METHODS` (the command line's `caap methods`, `caap explain --method NAME`).
+
 Maps cover the patch tokens only (prefix tokens never get an entry); for how methods that read "the
 class token's row" treat register tokens, distillation tokens and models without a class token, see
 `caap.baselines._common`.

@@ -61,6 +61,8 @@ class AtMan(AttributionMethod):
     """
 
     name = "atman"
+    summary = "the target's loss change when attention to each patch is suppressed"
+    paper = "Deiseroth et al. 2023 (NeurIPS)"
     resolution = "patch"
 
     def __init__(

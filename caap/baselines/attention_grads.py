@@ -42,6 +42,8 @@ class AttentionGradCAM(AttributionMethod):
     """
 
     name = "attention_gradcam"
+    summary = "Grad-CAM on one block's attention map"
+    paper = "Chefer, Gur & Wolf 2021a (CVPR), after Selvaraju et al. 2017"
     resolution = "patch"
 
     def __init__(self, model: HookedViT, layer: int = -1, readout: Readout = "auto", score: Score = "logit") -> None:
@@ -87,6 +89,8 @@ class GradSAM(AttributionMethod):
     """
 
     name = "gradsam"
+    summary = "attention times its positive gradient, averaged over blocks and heads"
+    paper = "Barkan et al. 2021 (CIKM)"
     resolution = "patch"
 
     def __init__(

@@ -56,6 +56,8 @@ class AttnLRP(AttributionMethod):
     """
 
     name = "attnlrp"
+    summary = "layer-wise relevance propagation with attention-aware rules"
+    paper = "Achtibat et al. 2024 (ICML)"
     resolution = "patch"
 
     def __init__(self, model: HookedViT, level: Level = "token", epsilon: float = 1e-6, score: Score = "logit") -> None:

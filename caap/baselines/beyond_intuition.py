@@ -115,6 +115,8 @@ class BeyondIntuitionHead(_BeyondIntuition):
     )
 
     name = "beyond_intuition_head"
+    summary = "attention rolled out with head weights from integrated gradients (head-wise)"
+    paper = "Chen et al. 2023 (TMLR)"
     default_twelfths = 3
 
     def relevance(self, pixels: Tensor, targets: Tensor) -> Float[Tensor, "batch pos pos"]:
@@ -148,6 +150,8 @@ class BeyondIntuitionToken(_BeyondIntuition):
     )
 
     name = "beyond_intuition_token"
+    summary = "attention rolled out with token weights from integrated gradients (token-wise)"
+    paper = "Chen et al. 2023 (TMLR)"
     default_twelfths = 5
 
     def relevance(self, pixels: Tensor, targets: Tensor) -> Float[Tensor, "batch pos pos"]:

@@ -44,6 +44,8 @@ class GenericAttentionExplainability(AttributionMethod):
     """
 
     name = "gae"
+    summary = "attention weighted by its gradient, accumulated through the blocks (LRP-free)"
+    paper = "Chefer, Gur & Wolf 2021b (ICCV)"
     resolution = "patch"
 
     def __init__(self, model: HookedViT, readout: Readout = "auto", score: Score = "logit") -> None:

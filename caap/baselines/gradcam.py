@@ -37,6 +37,8 @@ class GradCAM(AttributionMethod):
     """
 
     name = "gradcam"
+    summary = "Grad-CAM on the last block's normalised patch tokens"
+    paper = "Selvaraju et al. 2017 (ICCV)"
     resolution = "patch"
 
     def __init__(self, model: HookedViT, hook_name: str | None = None, score: Score = "logit") -> None:

@@ -46,6 +46,8 @@ class InputXGradient(AttributionMethod):
     """
 
     name = "input_x_gradient"
+    summary = "the pixels times the target score's gradient"
+    paper = "Shrikumar et al. 2016"
     resolution = "pixel"
 
     def __init__(self, model: HookedViT, abs: bool = False, score: Score = "logit") -> None:
@@ -101,6 +103,8 @@ class IntegratedGradients(AttributionMethod):
     """
 
     name = "integrated_gradients"
+    summary = "gradients integrated along the straight path from a reference image"
+    paper = "Sundararajan, Taly & Yan 2017 (ICML)"
     resolution = "pixel"
 
     def __init__(
@@ -172,6 +176,8 @@ class SmoothGrad(AttributionMethod):
     """
 
     name = "smoothgrad"
+    summary = "gradients averaged over noisy copies of the image"
+    paper = "Smilkov et al. 2017"
     resolution = "pixel"
 
     def __init__(

@@ -112,6 +112,8 @@ class LibraGradIxG(_LibraGradBase):
     )
 
     name = "libragrad_ixg"
+    summary = "Input x Gradient at the first block's tokens, gradient flow rebalanced"
+    paper = "Mehri, Soleymani Baghshah & Pilehvar 2025 (CVPR)"
 
     def token_relevance(self, pixels: Tensor, targets: Tensor) -> Float[Tensor, "batch pos"]:
         """Input x gradient of every token entering block 0, prefix tokens included."""
@@ -134,6 +136,8 @@ class LibraGradGAE(_LibraGradBase):
     )
 
     name = "libragrad_gae"
+    summary = "GAE with the gradient flow rebalanced"
+    paper = "Mehri, Soleymani Baghshah & Pilehvar 2025 (CVPR)"
 
     def _attribute(self, pixels: Float[Tensor, "batch chan H W"], targets: Int[Tensor, " batch"]) -> Tensor:
         grid = self.model.grid_size_for(pixels)
@@ -156,6 +160,8 @@ class LibraGradGradSAM(_LibraGradBase):
     )
 
     name = "libragrad_gradsam"
+    summary = "Grad-SAM with the gradient flow rebalanced"
+    paper = "Mehri, Soleymani Baghshah & Pilehvar 2025 (CVPR)"
 
     def _attribute(self, pixels: Float[Tensor, "batch chan H W"], targets: Int[Tensor, " batch"]) -> Tensor:
         grid = self.model.grid_size_for(pixels)

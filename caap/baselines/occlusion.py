@@ -40,6 +40,8 @@ class Occlusion(AttributionMethod):
     """
 
     name = "occlusion"
+    summary = "the target score's drop when each patch is covered"
+    paper = "Zeiler & Fergus 2014 (ECCV)"
     resolution = "patch"
 
     def __init__(

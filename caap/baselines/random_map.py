@@ -22,6 +22,8 @@ class RandomAttribution(AttributionMethod):
     """
 
     name = "random"
+    summary = "uniform random scores, independent of image and model: the sanity floor"
+    paper = "Adebayo et al. 2018 (sanity checks)"
     resolution = "patch"
 
     def __init__(self, model: HookedViT, seed: int = 0) -> None:

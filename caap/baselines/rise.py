@@ -55,6 +55,8 @@ class RISE(AttributionMethod):
     """
 
     name = "rise"
+    summary = "random masks, each weighted by the target score of the masked image"
+    paper = "Petsiuk, Das & Saenko 2018 (BMVC)"
     resolution = "pixel"
 
     def __init__(

@@ -40,6 +40,8 @@ class AttentionRollout(AttributionMethod):
     """
 
     name = "rollout"
+    summary = "the blocks' head-averaged attention, with the residual, multiplied through the depth"
+    paper = "Abnar & Zuidema 2020 (ACL)"
     resolution = "patch"
 
     def __init__(

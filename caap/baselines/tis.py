@@ -57,6 +57,8 @@ class TIS(AttributionMethod):
     """
 
     name = "tis"
+    summary = "random subsets of patch tokens dropped from the sequence, scores averaged per token"
+    paper = "Englebert et al. 2023 (ICCV Workshops)"
     resolution = "patch"
 
     def __init__(

@@ -60,6 +60,8 @@ class ViTCX(AttributionMethod):
     """
 
     name = "vit_cx"
+    summary = "masks from clustered patch embeddings, scored by their causal effect"
+    paper = "Xie et al. 2023 (IJCAI)"
     resolution = "pixel"
 
     def __init__(

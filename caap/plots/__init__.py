@@ -4,10 +4,12 @@ Two kinds of output, neither needing a browser or a network:
 
 - static PNGs, composed with PIL (exact pixel layout, no figure margins to guess):
   `save_overlay_png` (image | map over image, colour bar, boxes, title) and `save_grid_png` (a grid of
-  overlays, e.g. methods x images, with row and column titles); `save_heatmap_png` and `save_bar_png`
+  overlays, e.g. methods x images, with row and column titles); `save_comparison_png` (matplotlib: the
+  photo and one overlay per method, each with its own colour bar); `save_heatmap_png` and `save_bar_png`
   (matplotlib, Agg canvas, no pyplot state) for sweeps and benchmark summaries in a README;
 - interactive plotly figures written as self-contained HTML (`save_html` embeds plotly.js, never a CDN
-  link): `overlay_figure`, `layer_patch_figure`, `head_figure`, `bar_chart`.
+  link): `overlay_figure`, `comparison_figure` (one button per method), `layer_patch_figure`,
+  `head_figure`, `bar_chart`.
 
 Images may be given as a PIL image, a uint8 array [H, W, 3] (also [H, W] grey, [H, W, 4], uint8
 [3, H, W]), a float array [H, W, 3] in [0, 1], or the model's normalised pixels [3, H, W] (or a batch
@@ -20,13 +22,21 @@ accepted. Every writer creates missing parent folders and returns the path it wr
 
 from caap.plots._inputs import INTERPOLATIONS, NORMALIZATIONS, as_rgb_array, denormalize, overlay_array
 from caap.plots._summary import summarize
-from caap.plots.html import bar_chart, head_figure, layer_patch_figure, overlay_figure, save_html
+from caap.plots.html import (
+    bar_chart,
+    comparison_figure,
+    head_figure,
+    layer_patch_figure,
+    overlay_figure,
+    save_html,
+)
 from caap.plots.png import (
     CBAR_W,
     LABEL_H,
     PAD,
     TITLE_H,
     save_bar_png,
+    save_comparison_png,
     save_grid_png,
     save_heatmap_png,
     save_overlay_png,
@@ -42,12 +52,14 @@ __all__ = [
     "TITLE_H",
     "as_rgb_array",
     "bar_chart",
+    "comparison_figure",
     "denormalize",
     "head_figure",
     "layer_patch_figure",
     "overlay_array",
     "overlay_figure",
     "save_bar_png",
+    "save_comparison_png",
     "save_grid_png",
     "save_heatmap_png",
     "save_html",

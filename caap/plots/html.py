@@ -7,7 +7,7 @@ import base64
 import io
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -188,6 +188,63 @@ def overlay_figure(
             )
         ]
     fig.update_layout(**layout)
+    return fig
+
+
+def comparison_figure(
+    image: Any,
+    maps: Mapping[str, Any],
+    *,
+    data_config: Any = None,
+    title: str | None = None,
+    subtitles: Mapping[str, str] | None = None,
+    alpha: float = 0.5,
+    colorscale: str = "Jet",
+    interpolation: str = "nearest",
+    value_label: str = "value",
+    height: int = 600,
+) -> go.Figure:
+    """Several methods' maps of one image, one at a time: the image with one method's map over it, a
+    button per method to switch (the colour bar follows: each method keeps its own scale), and a slider
+    for the map's opacity (0 shows the plain image). Hover gives each patch's (row, col) and value.
+    `subtitles` (name -> text) add to the title when that method is shown."""
+    import plotly.graph_objects as go
+
+    if not maps:
+        raise ValueError("maps is empty: give at least one method's map")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation={interpolation!r} is not one of {INTERPOLATIONS}")
+    img = as_rgb_array(image, data_config)
+    a = _check_alpha(alpha)
+    names = list(maps)
+    fig = go.Figure([_image_trace(img)])
+    for i, name in enumerate(names):
+        fig.add_trace(_map_trace(_as_map(maps[name], f"maps[{name!r}]"), img.shape[:2], label=value_label,
+                                 colorscale=colorscale, opacity=a, visible=i == 0, name=name,
+                                 zsmooth="best" if interpolation == "bilinear" else False,
+                                 colorbar=dict(title=dict(text=value_label))))
+    _image_axes(fig)
+
+    def heading(name: str) -> str:
+        line = (subtitles or {}).get(name)
+        text = f"{title}: {name}" if title else name
+        return f"{text} ({line})" if line else text
+
+    buttons = [dict(label=name, method="update",
+                    args=[{"visible": [True] + [j == i for j in range(len(names))]}, {"title.text": heading(name)}])
+               for i, name in enumerate(names)]
+    levels = np.round(np.linspace(0, 1, 11), 2)
+    fig.update_layout(
+        title=dict(text=heading(names[0]), y=0.98, yanchor="top"),
+        height=height,
+        margin=dict(l=10, r=10, t=100, b=10),
+        updatemenus=[dict(type="buttons", direction="right", buttons=buttons, x=0, xanchor="left", y=1.0,
+                          yanchor="bottom", showactive=True, pad=dict(r=4, b=6))],
+        sliders=[dict(active=int(np.argmin(np.abs(levels - a))), currentvalue=dict(prefix="map opacity: "),
+                      pad=dict(t=10),
+                      steps=[dict(method="restyle", args=[{"opacity": float(v)}, list(range(1, len(names) + 1))],
+                                  label=f"{v:.1f}") for v in levels])],
+    )
     return fig
 
 

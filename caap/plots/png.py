@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -316,6 +316,61 @@ def save_heatmap_png(
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
+    fig.tight_layout()
+    return _savefig(fig, path)
+
+
+def save_comparison_png(
+    image: Any,
+    maps: Mapping[str, Any],
+    path: str | os.PathLike,
+    *,
+    data_config: Any = None,
+    title: str | None = None,
+    subtitles: Mapping[str, str] | None = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    interpolation: str = "bilinear",
+    ncols: int | None = None,
+    dpi: int = 110,
+) -> Path:
+    """The photo, then one overlay per method (`maps`: name -> map, any resolution), each with a colour
+    bar of its own map's raw values (min to max: methods differ in scale and units, so each keeps its
+    own). matplotlib's Agg canvas, no pyplot state. `subtitles` add a line under a method's name (e.g.
+    its seconds)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    if not maps:
+        raise ValueError("maps is empty: give at least one method's map")
+    img = as_rgb_array(image, data_config)
+    n = len(maps) + 1
+    ncols = int(ncols or min(n, 4))
+    if ncols < 1:
+        raise ValueError(f"ncols must be at least 1, got {ncols}")
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(3.3 * ncols, 3.5 * nrows + (0.4 if title else 0)), dpi=dpi)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    axes[0].imshow(img)
+    axes[0].set_title("image", fontsize=10)
+    spacer = fig.colorbar(ScalarMappable(Normalize(0, 1), _colormap(cmap)), ax=axes[0], fraction=0.046, pad=0.02)
+    spacer.ax.set_visible(False)  # the photo as large as the overlays
+    for ax, (name, m) in zip(axes[1:], maps.items()):
+        raw = _as_map(m, f"maps[{name!r}]")
+        ax.imshow(overlay_array(img, raw, alpha=alpha, cmap=cmap, interpolation=interpolation))
+        line = (subtitles or {}).get(name)
+        ax.set_title(name if not line else f"{name}\n{line}", fontsize=10)
+        lo, hi = float(raw.min()), float(raw.max())
+        bar = fig.colorbar(ScalarMappable(Normalize(lo, hi if hi > lo else lo + 1e-12), _colormap(cmap)), ax=ax,
+                           fraction=0.046, pad=0.02)
+        bar.ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return _savefig(fig, path)
 
