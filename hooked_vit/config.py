@@ -1,6 +1,6 @@
 """`HookedViTConfig`: the architecture of a Vision Transformer, and nothing else.
 
-Field names follow TransformerLens' `HookedTransformerConfig` wherever the meaning is the same
+Field names follow TransformerLens' config (`TransformerLensConfig`) wherever the meaning is the same
 (`n_layers`, `d_model`, `n_heads`, `d_head`, `d_mlp`, `act_fn`, `eps`, `use_attn_result`, ...), so
 that `transformer_lens.ActivationCache` and code written for language models read it unchanged. The
 rest describes what a ViT has and a language model does not: the image and patch size, the prefix

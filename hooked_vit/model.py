@@ -39,7 +39,7 @@ import torch.nn as nn
 from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedRootModule  # its public home in TransformerLens 3 and 4
+from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from hooked_vit.components import LayerNorm, PatchEmbed, TransformerBlock

@@ -26,14 +26,9 @@ MAX_BYTES = 1_500_000
 
 
 def _skip_without_shared(path: Path) -> None:
-    from caap.language_models import TL_MAJOR
-
-    if path.stem == "04_language_models" and TL_MAJOR >= 4:
-        pytest.skip("04_language_models trains a HookedTransformer, which TransformerLens 4 removed (installed: 4); "
-                    "05_persuasion_smollm2 runs the engine on TransformerBridge")
+    if path.stem == "04_language_models":
+        pytest.skip("04_language_models trains a HookedTransformer, which TransformerLens 4 removed")
     if path.stem == "05_persuasion_smollm2":
-        if TL_MAJOR < 4:
-            pytest.skip("05_persuasion_smollm2 needs TransformerLens 4 (TransformerBridge; installed: 3)")
         from caap.data import shared_dir
 
         root = shared_dir()

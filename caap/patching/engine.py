@@ -12,7 +12,7 @@ a source run, applied to a run in a context (the run the source's values are wri
 
 It needs only what TransformerLens' `HookedRootModule` models share: `run_with_cache`, `hooks()` and
 `forward(input, start_at_layer=..., stop_at_layer=...)`, so it runs unchanged on `HookedViT` and on
-`transformer_lens.HookedTransformer`.
+TransformerLens' `TransformerBridge` (language models, `caap.language_models`).
 
 Axes of hooked activations (TransformerLens conventions): [batch, pos, ...] for the residual stream,
 attention/MLP outputs and MLP neurons; [batch, pos, head, d] for q, k, v, z and result;
@@ -49,9 +49,9 @@ class HookedModelConfig(Protocol):
 
 class HookedModel(Protocol):
     """What the engine needs of a model: what TransformerLens' `HookedRootModule` models share
-    (`HookedViT`, `transformer_lens.HookedTransformer`; TransformerLens 4's `TransformerBridge` has the
-    same): `cfg.n_layers`, the hook points by name (`hook_dict`), `run_with_cache(x, names_filter=...)`,
-    `hooks(fwd_hooks=[(name, fn)])` (a context that adds hooks and removes them on exit),
+    (`HookedViT`; TransformerLens' `TransformerBridge` has the same): `cfg.n_layers`, the hook points by
+    name (`hook_dict`), `run_with_cache(x, names_filter=...)`, `hooks(fwd_hooks=[(name, fn)])` (a context
+    that adds hooks and removes them on exit),
     `forward(x, start_at_layer=..., stop_at_layer=...)` (a run from a given block's residual stream), and
     `parameters()` (for the device). Sweeps over pixels also use a ViT's `grid_size_for` / `to_grid`."""
 
@@ -316,7 +316,7 @@ def batched_runs(
         return hook
 
     # each dispatcher enters its own `hooks(fwd_hooks=...)` context: the one way to add and remove hooks
-    # that HookedRootModule (HookedViT, HookedTransformer) and TransformerLens 4's TransformerBridge share
+    # that HookedRootModule (HookedViT) and TransformerLens' TransformerBridge share
     # (the bridge's `add_hook` takes no level, and its bare `hooks()` removes only what it added itself)
     with torch.inference_mode(), contextlib.ExitStack() as stack:  # removes them in reverse, even on error
         registered: set[str] = set()
@@ -365,7 +365,7 @@ def run_interventions(
     """Run every intervention (one batch row each) and return the score per row, [n, ...].
 
     Args:
-        model: a HookedViT or a transformer_lens HookedTransformer (anything with `hooks()`,
+        model: a HookedViT or a TransformerLens `TransformerBridge` (anything with `hooks()`,
             `run_with_cache` and `forward(x, start_at_layer=..., stop_at_layer=...)`).
         interventions: the rows.
         sources: source inputs [n_sources, ...] (pixels / tokens) or a ready cache {hook: activation}.
