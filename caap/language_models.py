@@ -222,14 +222,7 @@ def check_tokens(model: Any, tokens: Tensor, other: Tensor | None = None, what: 
 
 
 def check_heads(model: Any, heads: Any) -> list[tuple[int, int]]:
-    """(layer, head) pairs, each checked against the model's layers and heads."""
-    out = []
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    for item in heads:
-        layer, head = (int(v) for v in item)
-        if not 0 <= layer < n_layers:
-            raise ValueError(f"layer {layer} does not exist: the model has layers 0..{n_layers - 1}")
-        if not 0 <= head < n_heads:
-            raise ValueError(f"head {head} (layer {layer}) does not exist: the model has heads 0..{n_heads - 1}")
-        out.append((layer, head))
-    return out
+    """(layer, head) pairs, each checked against the model's layers and heads (`caap.patching.path.check_head`)."""
+    from caap.patching.path import check_head
+
+    return [check_head(model.cfg, item) for item in heads]

@@ -152,9 +152,9 @@ def test_unknown_heads_layers_and_hooks_are_refused(bridge, pair):
         run_interventions(bridge, [Intervention.single("blocks.0.attn.hook_nope", 1)], clean, corrupt, score)
     with pytest.raises(IndexError, match="head 4 is out of range"):
         run_interventions(bridge, [Intervention.single("blocks.0.attn.hook_z", 1, 4)], clean, corrupt, score)
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match=r"head \(3, 0\) is out of range"):
         check_heads(bridge, [(3, 0)])
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match=r"head \(0, 4\) is out of range"):
         check_heads(bridge, [(0, 4)])
     assert check_heads(bridge, [(2, 3)]) == [(2, 3)]
 

@@ -48,6 +48,7 @@ from caap.patching.engine import (
 )
 from caap.targets import Score, Target, check_score, class_score, resolve_targets
 from hooked_vit import HookedViT, act_name
+from hooked_vit.checks import check_layer_range, check_positive_int
 from hooked_vit.precision import delta_bf16
 from hooked_vit.preprocess import check_pixels
 
@@ -156,17 +157,11 @@ class CAAP(AttributionMethod):
     ) -> None:
         super().__init__(model)
         n = model.cfg.n_layers
-        start, end = default_layers(n) if layers is None else layers
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end < n):
-            raise ValueError(
-                f"layers={layers!r} is not a valid range: need 0 <= start <= end <= {n - 1} "
-                f"(inclusive block indices of this {n}-layer model)"
-            )
+        start, end = default_layers(n) if layers is None else check_layer_range(layers, n)
         if component not in CAAP_COMPONENTS:
             raise ValueError(f"unknown component {component!r}; accepted: {', '.join(CAAP_COMPONENTS)}")
         check_score(score, CAAP_SCORES)
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        batch_size = None if batch_size is None else check_positive_int(batch_size, "batch_size")
         if direction not in DIRECTIONS:
             raise ValueError(f"unknown direction {direction!r}; accepted: {', '.join(DIRECTIONS)}")
         self._check_sets(sets, density, estimator, seed)
