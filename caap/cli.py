@@ -33,6 +33,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -307,7 +308,8 @@ def cmd_explain_dataset(args: argparse.Namespace) -> None:
                 raise CLIError(str(e)) from None
     try:  # a bad source, split or output fails here, at once, before any work
         settings = DatasetSettings(model=args.model, checkpoint=args.checkpoint, layers=layers, context=args.context,
-                                   score=args.score, target=target, precision=args.precision, device=args.device)
+                                   score=args.score, target=target, precision=args.precision, device=args.device,
+                                   allow_slow_bf16=args.allow_slow_bf16)
         job = plan_dataset(args.source, args.out, settings, split=args.split, limit=args.limit)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
@@ -381,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16: matrix products in bfloat16 under autocast, residual stream and score in fp32 (the "
                         "fastest, maps close to fp32); bf16_delta: bf16 products of the differences from the "
                         "context run (maps within rounding of fp32, less of a speed-up); README, bf16")
+    d.add_argument("--allow-slow-bf16", action="store_true",
+                   help="run --precision bf16 / bf16_delta even where the device has no native bf16 matrix products "
+                        "(there it is slower than fp32, and runs fp32 unless this is given)")
     d.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     d.add_argument("--ray", action="store_true", help="run on Ray Data (local Ray unless --ray-address)")
     d.add_argument("--ray-address", help="an existing Ray cluster, HOST:PORT or ray://HOST:PORT (implies --ray)")
@@ -421,10 +426,17 @@ def _run(argv: list[str] | None) -> int:
     return 0
 
 
+def _warn_in_one_line(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    print(f"caap: warning: {_one_line(message) if isinstance(message, Warning) else message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0, 1, 2 or 130, see the module docstring)."""
+    """Run the command line; returns the exit code (0, 1, 2 or 130, see the module docstring). Warnings
+    are one line each on stderr (`caap: warning: ...`)."""
     try:
-        return _run(argv)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warn_in_one_line
+            return _run(argv)
     except KeyboardInterrupt:  # also during the heavy imports
         print("caap: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -269,3 +269,16 @@ def test_persuasion_counts(vit):
     with pytest.raises(ValueError, match="built for 1 pair and is used with 2 pairs"):
         score(torch.zeros(2, 5, 10), torch.tensor([0, 1]))
 
+
+def test_dataset_settings_and_run_arguments(tmp_path):
+    from caap.dataset import DatasetSettings, list_items
+
+    settings = DatasetSettings(model="vit_tiny_patch16_224", layers=(np.int64(8), torch.tensor(11)))
+    assert settings.layers == (8, 11) and type(settings.layers[0]) is int
+    with pytest.raises(ArgumentTypeError, match=r"layers\[0\] \(start\) must be an integer, got float 8.0"):
+        DatasetSettings(model="vit_tiny_patch16_224", layers=(8.0, 11))
+    with pytest.raises(ValueError, match=r"layers=\(8, 12\) is not a valid range"):
+        DatasetSettings(model="vit_tiny_patch16_224", layers=(8, 12)).resolved()
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="limit must be an integer, got float 1.5"):
+        list_items(tmp_path, limit=1.5)
