@@ -45,6 +45,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -525,7 +526,7 @@ def cmd_explain_dataset(args: argparse.Namespace) -> None:
     try:  # a bad source, split or output fails here, at once, before any work
         settings = DatasetSettings(model=args.model, checkpoint=args.checkpoint, target=str(target),
                                    precision=args.precision, device=args.device, method=name, options=own,
-                                   batch_size=args.batch_size, **caap_fields)
+                                   batch_size=args.batch_size, allow_slow_bf16=args.allow_slow_bf16, **caap_fields)
         job = plan_dataset(args.source, args.out, settings, split=args.split, limit=args.limit)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
@@ -678,6 +679,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--split", help="a split of the manifest (e.g. heldout)")
     d.add_argument("--limit", type=positive_int, help="only the first N images")
     d.add_argument("--shard-size", type=positive_int, default=32, help="images per Parquet shard (default 32)")
+    d.add_argument("--allow-slow-bf16", action="store_true",
+                   help="run --precision bf16 / bf16_delta even where the device has no native bf16 matrix products "
+                        "(there it is slower than fp32, and runs fp32 unless this is given)")
     d.add_argument("--ray", action="store_true", help="run on Ray Data (local Ray unless --ray-address)")
     d.add_argument("--ray-address", help="an existing Ray cluster, HOST:PORT or ray://HOST:PORT (implies --ray)")
     d.add_argument("--workers", type=positive_int, default=1, help="Ray actors, each loading the model once (default 1; "
@@ -728,10 +732,17 @@ def _run(argv: list[str] | None) -> int:
     return int(code or 0)
 
 
+def _warn_in_one_line(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    print(f"caap: warning: {_one_line(message) if isinstance(message, Warning) else message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0, 1, 2 or 130, see the module docstring)."""
+    """Run the command line; returns the exit code (0, 1, 2 or 130, see the module docstring). Warnings
+    are one line each on stderr (`caap: warning: ...`)."""
     try:
-        return _run(argv)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warn_in_one_line
+            return _run(argv)
     except KeyboardInterrupt:  # also during the heavy imports
         print("caap: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from caap.files import atomic_path
 from caap.patching.engine import Context, InputContext, ResidContext
 from hooked_vit import HookedViT, act_name
+from hooked_vit.checks import check_positive_int
 from hooked_vit.preprocess import gaussian_blur, normalize
 
 
@@ -140,6 +141,7 @@ class MeanContext(NeutralContext):
     def from_images(
         cls, model: HookedViT, images: Sequence[Any] | Tensor, batch_size: int = 32, progress: bool = True
     ) -> "MeanContext":
+        batch_size = check_positive_int(batch_size, "batch_size")
         n = len(images)
         if n == 0:
             raise ValueError("the reference set for a mean context is empty")
@@ -225,6 +227,7 @@ def mean_context_for(
     tensor, a manifest folder, or by default the first `n_images` of the shared one-per-class ImageNet
     sample (cached on disk, see `cache_dir`; a cache file that cannot be read, or that does not fit the
     model, is recomputed and replaced)."""
+    n_images = check_positive_int(n_images, "n_images")
     if isinstance(reference, (str, os.PathLike)) and str(reference).endswith(".pt"):
         return MeanContext.load(reference)
     if reference is not None and not isinstance(reference, (str, os.PathLike)):

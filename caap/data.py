@@ -25,6 +25,8 @@ from jaxtyping import Bool
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from hooked_vit.checks import check_positive_int
+
 SHARED_ENV = "CAAP_SHARED_DIR"
 VAL_BOXES = "imagenet_val1300_boxes"
 SAMPLE_1K = "imagenet_sample_1k"
@@ -86,7 +88,7 @@ def load_manifest(folder: str | os.PathLike, split: str | None = None, limit: in
             raise ValueError(f"split {split!r} is not in {manifest}; it has {', '.join(s for s in splits if s) or 'none'}")
         rows = [r for r in rows if r.get("split") == split]
     if limit is not None:
-        rows = rows[:limit]
+        rows = rows[: check_positive_int(limit, "limit")]
     boxes = _load_boxes(folder)
     return [
         Sample(

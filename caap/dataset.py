@@ -29,6 +29,15 @@ Ray path gives the same maps as the local one: bit for bit where each Ray worker
 threads as the local process, and to float rounding otherwise (two workers on two cores run one thread
 each, and a matrix product's summation order depends on its thread count: differences of a few 1e-6 on
 the real ViT-Tiny's maps; tests/test_dataset.py, experiments/dataset_throughput.py).
+
+One writer per settings folder: `plan_dataset` takes the folder's lock (`WriterLock`: the file
+`writer.lock`, holding the writer's pid and host) and `DatasetJob.run` releases it when it ends, so two
+runs of the same settings into one folder (a job restarted while the first still runs, two shells)
+never explain an image twice nor write a row twice: the second is refused before any work with
+`FolderInUse` ("another run (pid N on host H) is writing here: ..."), a ValueError; the command line
+prints that line and exits 2, before the model loads. A lock left by a run that was killed (its pid is
+no longer alive on this host) is taken over, with a warning that says so. Runs of other settings write
+other folders and never wait for each other.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +59,10 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "DatasetJob",
     "DatasetSettings",
+    "FolderInUse",
     "Item",
     "ShardStore",
+    "WriterLock",
     "explain_dataset",
     "list_items",
     "plan_dataset",
@@ -82,7 +93,10 @@ def list_items(source: str | os.PathLike, split: str | None = None, limit: int |
     one path per line, relative to the list's folder; `#` starts a comment). `split` selects a
     manifest's split; `limit` keeps the first images."""
     from caap.data import load_manifest
+    from hooked_vit.checks import check_positive_int
 
+    if limit is not None:
+        limit = check_positive_int(limit, "limit")
     path = Path(source)
     skipped = 0
     if path.is_file() and path.suffix.lower() == ".csv":
@@ -140,8 +154,18 @@ class DatasetSettings:
     method: str = "caap"
     options: dict[str, Any] = field(default_factory=dict)
     batch_size: int | None = None
+    allow_slow_bf16: bool = False
+    """Run a bf16 precision even where the device has no native bf16 products (`plan_dataset` otherwise
+    runs fp32 there, and the settings hash says fp32)."""
 
     def __post_init__(self) -> None:
+        from hooked_vit.checks import as_int, describe
+
+        if self.layers is not None:  # checked against the model's depth in `resolved`
+            if not isinstance(self.layers, (tuple, list)) or len(self.layers) != 2:
+                raise ValueError(f"layers must be a pair (start, end) of block indices, got {describe(self.layers)}")
+            object.__setattr__(self, "layers", (as_int(self.layers[0], "layers[0] (start)"),
+                                                as_int(self.layers[1], "layers[1] (end)")))
         if self.target not in TARGET_MODES and not self.target.isdigit():
             raise ValueError(f"target must be one of {', '.join(TARGET_MODES)} or a class index, got {self.target!r}")
         from caap.attribution.caap import PRECISIONS
@@ -182,14 +206,16 @@ class DatasetSettings:
         from caap.files import file_digest
         from caap.methods import COMMAND_LINE_FLAGS
         from caap.models import find_checkpoint, model_config
+        from hooked_vit.checks import check_layer_range
 
         cfg, _ = model_config(self.model)
+        layers = list(default_layers(cfg.n_layers) if self.layers is None else check_layer_range(self.layers, cfg.n_layers))
         path = find_checkpoint(self.model, self.checkpoint)
         weights = f"sha256:{file_digest(path)}" if path is not None else f"hub:{self.model}"
-        out = {k: v for k, v in asdict(self).items() if k not in ("device", "batch_size", "options")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("device", "batch_size", "options", "allow_slow_bf16")}
         out["checkpoint"] = weights
         if self.method == "caap":  # the keys of CAAP runs before other methods were offered, plus "method"
-            out["layers"] = list(self.layers) if self.layers is not None else list(default_layers(cfg.n_layers))
+            out["layers"] = layers
             if self.options:
                 out["options"] = json.loads(json.dumps(self.options, default=repr))
         else:
@@ -216,9 +242,167 @@ def settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
+# ------------------------------------------------------------------------------------------------- lock
+LOCK_NAME = "writer.lock"
+"""The lock file of a settings folder (`WriterLock`)."""
+
+
+class FolderInUse(ValueError):
+    """Another run is writing into this settings folder (its `WriterLock` is held by a live process). A
+    ValueError, raised by `plan_dataset` before any work: the command line exits 2 with this one line."""
+
+
+_RUNNING: set[str] = set()  # tokens of this process's locks whose job is inside DatasetJob.run
+
+
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, Linux's /proc), to tell a live process from a
+    later one that reuses a dead run's pid; None where /proc is not there."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22 of proc(5): after the command name, the 20th
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    except OSError:
+        return False
+    return True
+
+
+class WriterLock:
+    """One writer per settings folder: the lock file `<folder>/writer.lock`, created with O_CREAT | O_EXCL
+    (one process wins), holds the writer's pid, host, process start time and a token.
+
+    A lock whose process is gone (same host, pid not alive, or alive but started at another time: a
+    reused pid) is stale: it is taken over with a warning that says so. A lock of a live process, or of
+    another host (whose processes this one cannot see), raises `FolderInUse`. Within one process, a
+    new plan takes over a lock of this process whose job is not running (a notebook cell run again);
+    a job that is running keeps it. `release` removes the file if it is still this lock's."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.token: str | None = None
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            holder = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            return None
+        return holder if isinstance(holder, dict) else None
+
+    def _in_use(self, holder: dict[str, Any]) -> str | None:
+        """Why `holder`'s run still counts as writing here (a message), or None if its lock is stale."""
+        pid, host = holder.get("pid"), holder.get("host")
+        where = f"another run (pid {pid} on host {host}) is writing here: {self.folder}"
+        if host != socket.gethostname():
+            return f"{where}; if that run has ended without releasing the folder, delete {self.path}"
+        if not isinstance(pid, int) or not _pid_alive(pid):
+            return None
+        start = _process_start(pid)
+        if start is not None and holder.get("process_start") not in (None, start):
+            return None  # the pid now belongs to another process
+        if pid == os.getpid() and holder.get("token") not in _RUNNING:
+            return None  # this process's own lock, of a job that is not running
+        return f"{where}; wait for it to end (or stop it: its finished shards are kept), or pass another output folder"
+
+    def acquire(self) -> None:
+        """Hold the lock (again, if this object held it before), or raise `FolderInUse`."""
+        for _ in range(5):
+            holder = self._read()
+            if holder and holder.get("token") == self.token:
+                return
+            if holder is None:  # being written this instant, or a broken file
+                try:
+                    age = time.time() - self.path.stat().st_mtime
+                except OSError:
+                    age = 0.0
+                if age < 10:
+                    time.sleep(0.2)
+                    continue
+                warnings.warn(f"{self.path} cannot be read; taking it over", stacklevel=3)
+                self._remove_if(None)
+            elif holder:
+                why = self._in_use(holder)
+                if why is not None:
+                    raise FolderInUse(why)
+                if holder.get("pid") != os.getpid():
+                    warnings.warn(f"{self.folder}: the run that held it (pid {holder.get('pid')} on host "
+                                  f"{holder.get('host')}) has ended without releasing it; its finished shards are "
+                                  f"kept and this run goes on from them", stacklevel=3)
+                self._remove_if(holder)
+            token = uuid.uuid4().hex
+            me = {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid()),
+                  "token": token, "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                continue  # another process was faster: look again
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me))
+            self.token = token
+            return
+        raise FolderInUse(f"another run is taking the lock of {self.folder} at this moment; try again")
+
+    def _remove_if(self, holder: dict[str, Any] | None) -> None:
+        """Remove the lock file if it still holds `holder` (None: an unreadable file): it is renamed
+        aside first, so that a lock another process has just created in its place is put back."""
+        aside = self.path.with_name(f".{LOCK_NAME}.{uuid.uuid4().hex[:8]}")
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            moved = json.loads(aside.read_text())
+        except (OSError, ValueError):
+            moved = None
+        if moved != holder and moved is not None:
+            try:
+                os.link(aside, self.path)  # not ours to remove: back in place, unless a new one is there
+            except OSError:
+                pass
+        aside.unlink(missing_ok=True)
+
+    def check(self) -> None:
+        """Raise `FolderInUse` if the lock file is no longer this lock's (removed by hand and taken by
+        another run): called before every shard is written."""
+        holder = self._read()
+        if not holder or holder.get("token") != self.token:
+            who = f"pid {holder.get('pid')} on host {holder.get('host')}" if holder else "no run"
+            raise FolderInUse(f"the lock of {self.folder} is no longer this run's (it names {who}); this run stops "
+                              f"without writing its last rows")
+
+    def release(self) -> None:
+        """Remove the lock file if it is still this lock's."""
+        if self.token is None:
+            return
+        holder = self._read()
+        if holder and holder.get("token") == self.token:
+            self._remove_if(holder)
+        _RUNNING.discard(self.token)
+        self.token = None
+
+    def __del__(self) -> None:  # a planned job dropped without running: the folder is free again
+        try:
+            self.release()
+        except Exception:
+            pass
+
+
 # ------------------------------------------------------------------------------------------------- shards
 class ShardStore:
-    """The shards of one settings hash under `out`: what is done, and atomic writes of new shards."""
+    """The shards of one settings hash under `out`: what is done, and atomic writes of new shards; `lock`
+    (`WriterLock`) keeps a second run from writing the same folder."""
 
     def __init__(self, out: str | os.PathLike, settings: dict[str, Any]) -> None:
         from caap.files import atomic_path
@@ -229,6 +413,7 @@ class ShardStore:
         self.settings, self.hash = settings, settings_hash(settings)
         self.folder = out / f"settings-{self.hash}"
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.lock = WriterLock(self.folder)
         meta = self.folder / "settings.json"
         if meta.is_file():
             try:
@@ -330,7 +515,10 @@ class Explainer:
         self.model = load_model(settings.model, settings.checkpoint, device=settings.device)
         from caap.methods import get_method
 
-        self.method = get_method(settings.method, self.model, **settings.method_kwargs())
+        kwargs = settings.method_kwargs()
+        if settings.method == "caap":
+            kwargs["allow_slow_bf16"] = settings.allow_slow_bf16
+        self.method = get_method(settings.method, self.model, **kwargs)
         self.target = settings.target
 
     def __call__(self, item: Item, pixels: Any) -> dict[str, Any]:
@@ -490,17 +678,32 @@ class DatasetJob:
         done = self.store.done(retry_failed=self.retry_failed)
         return [i for i in self.items if i.image_id not in done]
 
+    def close(self) -> None:
+        """Let another run write this settings folder (a job that will not run; `run` does it when it ends)."""
+        self.store.lock.release()
+
     def run(self, shard_size: int = 32, ray: bool = False, ray_address: str | None = None, workers: int = 1,
             progress: bool = True) -> dict[str, Any]:
         """Explain the pending images, a shard every `shard_size` rows (see the module docstring); returns
         a summary: the settings folder, images explained / skipped as done / failed / non-image files,
-        shards written, seconds, images per second."""
+        shards written, seconds, images per second. Holds the folder's `WriterLock` while it runs and
+        releases it at the end (`FolderInUse` if another run holds it)."""
+        from hooked_vit.checks import check_positive_int
+
+        shard_size, workers = check_positive_int(shard_size, "shard_size"), check_positive_int(workers, "workers")
+        store = self.store
+        store.lock.acquire()  # held since plan_dataset; again after an earlier run() released it
+        _RUNNING.add(store.lock.token)
+        try:
+            return self._run(shard_size, ray, ray_address, workers, progress)
+        finally:
+            store.lock.release()
+
+    def _run(self, shard_size: int, ray: bool, ray_address: str | None, workers: int, progress: bool) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
-        if shard_size < 1 or workers < 1:
-            raise ValueError(f"shard_size and workers must be at least 1, got {shard_size} and {workers}")
         store = self.store
-        pending = self.pending()  # read now: a second run() never redoes what the first wrote
+        pending = self.pending()  # read under the lock: what an earlier run wrote is never redone
         rows: list[dict[str, Any]] = []
         counts = {"ok": 0, "failed": 0}
         written: list[Path] = []
@@ -516,12 +719,16 @@ class DatasetJob:
                 counts[row["status"]] += 1
                 bar.update(1)
                 if len(rows) >= shard_size:
+                    store.lock.check()
                     written.append(store.write(rows))
                     rows = []
-        finally:  # an interrupted run keeps every complete row it computed
-            if rows:
-                written.append(store.write(rows))
-            bar.close()
+        finally:  # an interrupted run keeps every complete row it computed (unless the folder is no longer its own)
+            try:
+                if rows:
+                    store.lock.check()
+                    written.append(store.write(rows))
+            finally:
+                bar.close()
         seconds = time.perf_counter() - t0
         return {
             "folder": str(store.folder), "settings_hash": store.hash, "images": len(self.items),
@@ -539,14 +746,24 @@ def plan_dataset(
     limit: int | None = None,
     retry_failed: bool = False,
 ) -> DatasetJob:
-    """List `source` (`list_items`) and open the shard store of these settings under `out` (what is left to
-    do is read from it by `DatasetJob.pending` / `run`); raises ValueError / FileNotFoundError on a bad
-    source, split or output before any work."""
+    """List `source` (`list_items`), open the shard store of these settings under `out` and take its
+    `WriterLock` (what is left to do is read from the store by `DatasetJob.pending` / `run`); raises
+    ValueError / FileNotFoundError on a bad source, split or output, and `FolderInUse` (a ValueError)
+    when another run is writing the same settings folder, all before any work. The lock is released when
+    `run` ends, by `DatasetJob.close()`, or when the job is dropped. A bf16 precision on a device without
+    native bf16 products runs fp32, with a warning, unless `settings.allow_slow_bf16`
+    (`hooked_vit.precision.choose_precision`): the job's settings and hash name the precision that runs."""
     from caap.models import model_config
+    from hooked_vit.precision import choose_precision
 
     items, non_images = list_items(source, split=split, limit=limit)
     _, data_config = model_config(settings.model)
-    return DatasetJob(settings, items, non_images, ShardStore(out, settings.resolved()), data_config, retry_failed)
+    # bf16 without native bf16 products runs fp32 (with a warning): the settings, and their hash, say so
+    settings = replace(settings, precision=choose_precision(settings.precision, settings.device,
+                                                            settings.allow_slow_bf16))
+    store = ShardStore(out, settings.resolved())
+    store.lock.acquire()
+    return DatasetJob(settings, items, non_images, store, data_config, retry_failed)
 
 
 def explain_dataset(

@@ -8,8 +8,8 @@
 TransformerLens 4 removed `HookedTransformer` in favour of `TransformerBridge`, which wraps the Hugging
 Face model itself and keeps TransformerLens' hook names (`blocks.{l}.attn.hook_z`, `hook_resid_pre`, ...),
 `run_with_cache`, `hooks()` and `forward(x, start_at_layer=..., stop_at_layer=...)`: all the engine uses,
-so `sweep`, `path_patch` and `run_interventions` run on a bridge as on a `HookedTransformer` (which stays
-supported where TransformerLens 3 is installed). This module makes bridges (TransformerLens 4 only):
+so `sweep`, `path_patch` and `run_interventions` run on a bridge as on a `HookedViT`. This module makes
+bridges:
 
 - `load_language_model(path)`: a GGUF file (dequantised by `transformers`, which needs the `gguf`
   package, one of caap's dependencies) or a Hugging Face model folder (config.json + weights), offline.
@@ -31,15 +31,11 @@ import contextlib
 import importlib.util
 import os
 from collections.abc import Iterator
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-
-TL_MAJOR = int(version("transformer-lens").split(".")[0])
-"""The installed TransformerLens major version (3: HookedTransformer; 4: TransformerBridge)."""
 
 GGUF_MAGIC = b"GGUF"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,18 +49,6 @@ def shared_language_model(name: str = SMOLLM2_GGUF) -> Path | None:
     root = shared_dir()
     path = root / "models" / name if root else None
     return path if path is not None and path.is_file() else None
-
-
-def _require_bridge() -> Any:
-    if TL_MAJOR < 4:
-        raise ImportError(
-            f"loading a language model into TransformerLens needs TransformerLens 4 (TransformerBridge); "
-            f"transformer-lens {version('transformer-lens')} is installed: pip install 'transformer-lens>=4,<5' "
-            f"(with TransformerLens 3, build a HookedTransformer yourself: the engine runs on it too)"
-        )
-    from transformer_lens.model_bridge import TransformerBridge
-
-    return TransformerBridge
 
 
 def _resolve(path: str | os.PathLike) -> tuple[Path, str | None]:
@@ -128,7 +112,8 @@ def bridge_from_hf(hf_model: Any, tokenizer: Any, device: str | torch.device | N
     The tokenizer is kept as it is: TransformerLens would otherwise reload it from the hub to make it
     prepend a BOS token (SmolLM2's adds none; the tokens the engine sees are the caller's anyway).
     `fast_start`: `skip_blocks_before_start` (see the module's docstring)."""
-    TransformerBridge = _require_bridge()
+    from transformer_lens.model_bridge import TransformerBridge
+
     if tokenizer is None:
         raise ValueError("bridge_from_hf needs the model's tokenizer (TransformerLens would fetch one from the hub)")
     # TransformerLens reloads a tokenizer whose init_kwargs lack add_bos_token=True (from name_or_path: the
@@ -152,7 +137,6 @@ def load_language_model(
 ) -> Any:
     """A local language model (a .gguf file, a folder with one, or a Hugging Face model folder) as a
     TransformerLens 4 `TransformerBridge` ready for `caap.patching` (eval mode, `model.tokenizer` set)."""
-    _require_bridge()
     hf_model, tokenizer = load_hf(path, dtype=dtype)
     if device is not None:
         hf_model = hf_model.to(device)
@@ -238,14 +222,7 @@ def check_tokens(model: Any, tokens: Tensor, other: Tensor | None = None, what: 
 
 
 def check_heads(model: Any, heads: Any) -> list[tuple[int, int]]:
-    """(layer, head) pairs, each checked against the model's layers and heads."""
-    out = []
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    for item in heads:
-        layer, head = (int(v) for v in item)
-        if not 0 <= layer < n_layers:
-            raise ValueError(f"layer {layer} does not exist: the model has layers 0..{n_layers - 1}")
-        if not 0 <= head < n_heads:
-            raise ValueError(f"head {head} (layer {layer}) does not exist: the model has heads 0..{n_heads - 1}")
-        out.append((layer, head))
-    return out
+    """(layer, head) pairs, each checked against the model's layers and heads (`caap.patching.path.check_head`)."""
+    from caap.patching.path import check_head
+
+    return [check_head(model.cfg, item) for item in heads]

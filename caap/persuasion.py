@@ -30,6 +30,7 @@ from torch import Tensor
 
 from caap.language_models import check_heads, check_tokens, last_position_logits
 from caap.stats import mean_ci
+from hooked_vit.checks import check_indices, check_int, check_positive_int
 
 # ---------------------------------------------------------------------------------------- questions
 CAPITALS = [
@@ -252,14 +253,11 @@ def split_halves(pairs: PairSet, seed: int = 0) -> tuple[PairSet, PairSet]:
 
 # ---------------------------------------------------------------------------------------- scores
 def logit_diff_fn(right: Tensor, pushed: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
-    """The engine's score: logit(right) - logit(pushed) at the last position, per row's pair."""
+    """The engine's score: logit(right) - logit(pushed) at the last position, per row's pair
+    (`caap.patching.logit_diff_score`: built for len(right) pairs, it refuses to be used on more)."""
+    from caap.patching.scores import logit_diff_score
 
-    def score_fn(output: Tensor, pair: Tensor) -> Tensor:
-        logits = output[:, -1]
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        return logits[rows, right.to(pair.device)[pair]] - logits[rows, pushed.to(pair.device)[pair]]
-
-    return score_fn
+    return logit_diff_score(right, pushed, pos=-1)
 
 
 @dataclass
@@ -293,6 +291,7 @@ class Behaviour:
 def measure(model: Any, pairs: PairSet, batch_size: int = 16) -> Behaviour:
     """One forward pass of every clean and persuaded prompt (batched by length), reading the logit
     difference, and each head's attention row, z and q at the answer position."""
+    batch_size = check_positive_int(batch_size, "batch_size")
     n, L, H = len(pairs), model.cfg.n_layers, model.cfg.n_heads
     ld = {k: torch.zeros(n) for k in ("clean", "persuaded")}
     attn: dict[str, list[Any]] = {k: [None] * n for k in ld}
@@ -356,6 +355,9 @@ def head_patching(model: Any, pairs: PairSet, idx: Sequence[int], layers: Sequen
     (0 in the layers not in `layers`)."""
     from caap.patching import sweep
 
+    idx = check_indices(idx, len(pairs), "pair index")
+    if batch_size is not None:
+        check_positive_int(batch_size, "batch_size")
     out: dict[str, list[Tensor]] = {"persuaded->clean": [], "clean->persuaded": []}
     for i in idx:
         clean, persuaded = pairs.batch([i])
@@ -379,6 +381,7 @@ def path_patching_to_logits(model: Any, pairs: PairSet, idx: Sequence[int], send
     from caap.patching import path_patch
 
     senders = check_heads(model, senders)
+    idx = check_indices(idx, len(pairs), "pair index")
     rows = []
     for i in idx:
         clean, persuaded = pairs.batch([i])
@@ -394,6 +397,7 @@ def path_patching_to_logits(model: Any, pairs: PairSet, idx: Sequence[int], send
 def top_heads(scores: Tensor, k: int) -> list[tuple[int, int]]:
     """The k (layer, head) pairs of largest mean score over the first axis of `scores` [n, layer, head]."""
     mean = scores.mean(0)
+    k = check_int(k, "k", 1, mean.numel())
     order = mean.flatten().argsort(descending=True)[:k]
     return [divmod(int(i), mean.shape[1]) for i in order]
 
@@ -418,6 +422,7 @@ def residual_streams(model: Any, pairs: PairSet, batch_size: int = 16) -> dict[s
     """Every pair's residual stream entering every block, clean and persuaded: {kind: [pair][layer, pos,
     d_model]}, so that edited runs start at their first edited block without recomputing the blocks
     before it (one forward per prompt, once)."""
+    batch_size = check_positive_int(batch_size, "batch_size")
     L = model.cfg.n_layers
     names = [f"blocks.{layer}.hook_resid_pre" for layer in range(L)]
     out: dict[str, list[Any]] = {"clean": [None] * len(pairs), "persuaded": [None] * len(pairs)}
@@ -442,6 +447,7 @@ def run_edited(model: Any, pairs: PairSet, edits: dict[str, Callable[[Tensor], T
     the earliest edited block (`start_at_layer`) from the residual streams `resid` (`residual_streams`)."""
     from caap.patching.engine import hook_layer
 
+    batch_size = check_positive_int(batch_size, "batch_size")
     first = min(hook_layer(h) for h in edits)
     out = torch.zeros(len(pairs))
 
@@ -517,5 +523,8 @@ def removed_fraction(ld_clean: Tensor, ld_persuaded: Tensor, ld_clean_edited: Te
 def random_head_sets(model: Any, k: int, n: int, exclude: Sequence[tuple[int, int]], seed: int = 0) -> list[list[tuple[int, int]]]:
     """n random sets of k heads, none of them in `exclude`."""
     rng = random.Random(seed)
-    pool = [(layer, h) for layer in range(model.cfg.n_layers) for h in range(model.cfg.n_heads) if (layer, h) not in set(exclude)]
+    excluded = set(check_heads(model, exclude))
+    pool = [(layer, h) for layer in range(model.cfg.n_layers) for h in range(model.cfg.n_heads) if (layer, h) not in excluded]
+    k = check_int(k, "k", 1, len(pool))
+    n = check_positive_int(n, "n")
     return [sorted(rng.sample(pool, k)) for _ in range(n)]

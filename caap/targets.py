@@ -13,7 +13,7 @@ Scores (`Score`), each method or metric accepting the subset that makes sense fo
     "logit_diff"  its logit minus the logit of the same class in a reference run (`reference`), e.g.
                   the unpatched neutral context for CAAP
 
-Imports nothing from the rest of `caap`, so every subpackage may use it.
+Imports nothing from the rest of `caap` (only `hooked_vit.checks`), so every subpackage may use it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from typing import Any, Literal, get_args
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+
+from hooked_vit.checks import describe
 
 Score = Literal["logit", "prob", "log_prob", "accuracy", "logit_diff"]
 SCORES: tuple[str, ...] = get_args(Score)
@@ -78,13 +80,13 @@ def resolve_targets(
                 logits = torch.cat([model(pixels[i : i + step]) for i in range(0, b, step)])
         return logits.argmax(dim=-1).to(pixels.device)
     if isinstance(target, (bool, float)) or (isinstance(target, Tensor) and not _is_integer(target)):
-        raise ValueError(f"target must be {_TARGET_HELP}; got {_describe(target)}")
+        raise ValueError(f"target must be {_TARGET_HELP}; got {describe(target)}")
     try:
         t = torch.as_tensor(target)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"target must be {_TARGET_HELP}; got {_describe(target)}") from e
+        raise ValueError(f"target must be {_TARGET_HELP}; got {describe(target)}") from e
     if not _is_integer(t):
-        raise ValueError(f"target must be {_TARGET_HELP}; got {_describe(target)}")
+        raise ValueError(f"target must be {_TARGET_HELP}; got {describe(target)}")
     t = t.to(device=pixels.device, dtype=torch.long)
     if t.ndim == 0:
         t = t.expand(b)
@@ -96,12 +98,6 @@ def resolve_targets(
 
 def _is_integer(t: Tensor) -> bool:
     return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
-
-
-def _describe(x: Any) -> str:
-    if isinstance(x, Tensor):
-        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
-    return f"{type(x).__name__} {x!r}"
 
 
 def class_score(

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     if data is None:
         print("dataset_throughput: error: the shared photos are absent (set CAAP_SHARED_DIR)", file=sys.stderr)
         return 2
-    settings = DatasetSettings(model=args.model, precision=args.precision, device=args.device)
+    # the precision asked for is the one measured, native bf16 or not
+    settings = DatasetSettings(model=args.model, precision=args.precision, device=args.device, allow_slow_bf16=True)
     configs = [("single process", {}), ("Ray Data, 1 worker", {"ray": True, "workers": 1}),
                ("Ray Data, 2 workers", {"ray": True, "workers": 2})]
     rows, maps = [], {}

@@ -1,6 +1,6 @@
 """`HookedViTConfig`: the architecture of a Vision Transformer, and nothing else.
 
-Field names follow TransformerLens' `HookedTransformerConfig` wherever the meaning is the same
+Field names follow TransformerLens' config (`TransformerLensConfig`) wherever the meaning is the same
 (`n_layers`, `d_model`, `n_heads`, `d_head`, `d_mlp`, `act_fn`, `eps`, `use_attn_result`, ...), so
 that `transformer_lens.ActivationCache` and code written for language models read it unchanged. The
 rest describes what a ViT has and a language model does not: the image and patch size, the prefix
@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
+
+from hooked_vit.checks import as_int
 
 ActFn = Literal["gelu", "gelu_tanh", "quick_gelu", "relu", "silu"]
 Pooling = Literal["token", "avg", "max", "avgmax"]
@@ -132,9 +134,9 @@ class HookedViTConfig:
 
 
 def _pair(x: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
-    if isinstance(x, int):
-        return (x, x)
-    t = tuple(int(v) for v in x)
-    if len(t) != 2:
+    if not isinstance(x, (tuple, list)):
+        v = as_int(x, name)
+        return (v, v)
+    if len(x) != 2:
         raise ValueError(f"{name} must be an int or a pair of ints, got {x!r}")
-    return t  # type: ignore[return-value]
+    return as_int(x[0], name), as_int(x[1], name)

@@ -39,9 +39,10 @@ import torch.nn as nn
 from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedRootModule  # its public home in TransformerLens 3 and 4
+from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from hooked_vit.checks import IndexRangeError, as_int
 from hooked_vit.components import LayerNorm, PatchEmbed, TransformerBlock
 from hooked_vit.config import HookedViTConfig
 
@@ -349,8 +350,9 @@ class HookedViT(HookedRootModule):
     def _layer_index(self, layer: int, name: str, allow_end: bool = False) -> int:
         n = self.cfg.n_layers
         hi = n if allow_end else n - 1
-        if not isinstance(layer, int) or not -n <= layer <= hi:
-            raise ValueError(f"{name}={layer!r} is out of range: this model has {n} layers, accepted {-n}..{hi}")
+        layer = as_int(layer, name)
+        if not -n <= layer <= hi:
+            raise IndexRangeError(f"{name}={layer} is out of range: this model has {n} layers, accepted {-n}..{hi}")
         return layer % n if layer < 0 else layer
 
     # ------------------------------------------------------------------ TransformerLens niceties

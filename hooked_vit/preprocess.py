@@ -18,6 +18,8 @@ from jaxtyping import Float
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
+from hooked_vit.checks import as_int
+
 ImageLike = Any  # str | os.PathLike | PIL.Image.Image | np.ndarray | torch.Tensor (uint8 HWC / CHW)
 
 
@@ -215,9 +217,10 @@ def gaussian_blur(
         raise ValueError(f"padding must be 'reflect' or 'zeros', got {padding!r}")
     if kernel_size is None:
         radius = min(max(1, int(3 * sigma)), min(pixels.shape[-2:]) - 1)
-    elif kernel_size % 2 != 1 or kernel_size < 1:
-        raise ValueError(f"blur kernel_size must be odd and positive, got {kernel_size}")
     else:
+        kernel_size = as_int(kernel_size, "blur kernel_size")
+        if kernel_size % 2 != 1 or kernel_size < 1:
+            raise ValueError(f"blur kernel_size must be odd and positive, got {kernel_size}")
         radius = kernel_size // 2
     x = torch.arange(-radius, radius + 1, device=pixels.device, dtype=torch.float32)
     k = torch.exp(-(x**2) / (2 * float(sigma) ** 2))

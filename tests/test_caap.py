@@ -198,7 +198,7 @@ def test_bf16_precision_keeps_the_head_and_the_maps_in_fp32():
             logits = model.head_forward(resid)
         assert logits.dtype == torch.float32  # the head leaves autocast: no bf16 logits
         torch.testing.assert_close(logits, model.head_forward(resid))
-    maps = CAAP(model, layers=(1, 1), context="grey", precision="bf16").attribute(pixels, target=3)
+    maps = CAAP(model, layers=(1, 1), context="grey", precision="bf16", allow_slow_bf16=True).attribute(pixels, 3)
     assert maps.dtype == torch.float32 and maps.shape == (1, 14, 14) and torch.isfinite(maps).all()
     with pytest.raises(ValueError, match="accepted: fp32, bf16"):
         CAAP(model, precision="fp16")
@@ -213,7 +213,7 @@ def test_bf16_maps_agree_with_fp32_on_the_real_model():
 
     pixels = model.preprocess([skimage.data.chelsea(), skimage.data.astronaut()])
     fp32 = CAAP(model).attribute(pixels)
-    bf16 = CAAP(model, precision="bf16").attribute(pixels)
+    bf16 = CAAP(model, precision="bf16", allow_slow_bf16=True).attribute(pixels)
     for a, b in zip(fp32, bf16):  # about 0.99 on heldout photos (README, bf16)
         assert spearmanr(a.flatten(), b.flatten())[0] > 0.97
 
@@ -248,7 +248,8 @@ def test_bf16_delta_is_exact_where_nothing_changed_and_close_elsewhere():
     assert [m for m in model.modules() if isinstance(m, torch.nn.Linear)] == before
     exact = fp32.attribute(pixels, target=torch.tensor([3, 17]))
     for precision, floor in (("bf16_delta", 0.9995), ("bf16", None)):
-        maps = CAAP(model, layers=(2, 3), context="grey", precision=precision).attribute(pixels, target=torch.tensor([3, 17]))
+        maps = CAAP(model, layers=(2, 3), context="grey", precision=precision,
+                    allow_slow_bf16=True).attribute(pixels, target=torch.tensor([3, 17]))
         rho = [spearmanr(a.flatten(), b.flatten())[0] for a, b in zip(exact, maps)]
         if floor is not None:
             assert min(rho) > floor, rho
@@ -258,5 +259,6 @@ def test_bf16_delta_is_exact_where_nothing_changed_and_close_elsewhere():
     # the component and the whole range through the last block: the reference takes the patched runs' path
     for component in ("attn_out", "mlp_out"):
         a = CAAP(model, layers=(2, 3), context="grey", component=component).attribute(pixels, 3)
-        b = CAAP(model, layers=(2, 3), context="grey", component=component, precision="bf16_delta").attribute(pixels, 3)
+        b = CAAP(model, layers=(2, 3), context="grey", component=component, precision="bf16_delta",
+                 allow_slow_bf16=True).attribute(pixels, 3)
         assert spearmanr(a.flatten(), b.flatten())[0] > 0.999

@@ -113,7 +113,7 @@ def test_token_metric_errors():
     model, pixels = TokenSumModel(), image_of(CONTRIB)
     with pytest.raises(ValueError, match=r"accepted: 1\.\.16, equal steps at the divisors 1, 2, 4, 8, 16"):
         TokenDeletion(n_steps=17)(model, pixels, PERFECT, 0)
-    with pytest.raises(ValueError, match="whole number"):
+    with pytest.raises(ValueError, match="n_steps must be at least 1, got 0"):
         TokenDeletion(n_steps=0)
     with pytest.raises(ValueError, match="forward_patches"):
         TokenInsertion(patch_size=P)(lambda x: model(x), pixels, PERFECT, 0)

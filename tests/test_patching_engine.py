@@ -212,19 +212,14 @@ def test_known_answer_linear_model():
 # ------------------------------------------------------------------------------- language models
 @pytest.fixture(scope="module")
 def lm():
-    try:
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-    except ImportError:  # TransformerLens 4 raises ImportError for the removed names
-        pytest.skip("HookedTransformer is TransformerLens 3's; on TransformerLens 4, tests/test_language_models.py "
-                    "runs the engine on TransformerBridge")
+    """A TransformerLens bridge around a small random Llama with one key / value head per query head (so
+    keys and values may receive path patching)."""
+    from tiny_llama import llama_bridge
 
-    torch.manual_seed(0)
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_ctx=12, d_head=8, n_heads=4, d_vocab=20,
-                                  act_fn="gelu", normalization_type="LN", d_mlp=64)
-    return HookedTransformer(cfg).eval()
+    return llama_bridge(n_layers=2, n_heads=4, n_kv_heads=4, vocab=20)
 
 
-def test_same_engine_on_hooked_transformer(lm):
+def test_same_engine_on_a_language_model(lm):
     g = torch.Generator().manual_seed(3)
     clean = torch.randint(0, 20, (1, 6), generator=g)
     corrupt = torch.randint(0, 20, (1, 6), generator=g)

@@ -48,7 +48,8 @@ from caap.patching.engine import (
 )
 from caap.targets import Score, Target, check_score, class_score, resolve_targets
 from hooked_vit import HookedViT, act_name
-from hooked_vit.precision import delta_bf16
+from hooked_vit.checks import check_layer_range, check_positive_int
+from hooked_vit.precision import choose_precision, delta_bf16
 from hooked_vit.preprocess import check_pixels
 
 Component = Literal["resid_pre", "attn_out", "mlp_out"]
@@ -109,7 +110,9 @@ class CAAP(AttributionMethod):
             difference of large activations; "bf16_delta": each image's patched runs compute every linear
             layer as its value in the unpatched run they patch (fp32) plus a bf16 product of the
             difference (`hooked_vit.precision.delta_bf16`), so the rounding scales with the patch's effect:
-            maps within a Spearman of 0.9999 of fp32, less of a speed-up.
+            maps within a Spearman of 0.9999 of fp32, less of a speed-up. Both need native bf16 matrix
+            products (`hooked_vit.precision.bf16_support`); without them CAAP runs fp32 and warns
+            (`self.precision` says which runs).
         direction: "sufficiency" (default, the paper): a patch's value is the score of the neutral context
             with the patch's source activations inserted (over `layers`, `component`); "necessity": the
             score the source's own run loses when the patch's activations there are replaced by the
@@ -128,6 +131,7 @@ class CAAP(AttributionMethod):
         estimator: with `sets`: "difference" (default; E[score | patch carried] - E[score | not]) or
             "regression" (least-squares additive fit); see `caap.attribution.sets`.
         seed: with `sets`: the seed of the sampled sets.
+        allow_slow_bf16: run a bf16 precision even where bf16 products are not native (slower than fp32).
 
     `attribute(pixels, target)` -> [batch, grid_h, grid_w], one target class per image, as every method;
     `attribute_classes(pixels, classes)` with classes [batch, k] -> [batch, k, grid_h, grid_w], at the
@@ -155,20 +159,15 @@ class CAAP(AttributionMethod):
         density: float | None = None,
         estimator: Estimator | None = None,
         seed: int = 0,
+        allow_slow_bf16: bool = False,
     ) -> None:
         super().__init__(model)
         n = model.cfg.n_layers
-        start, end = default_layers(n) if layers is None else layers
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end < n):
-            raise ValueError(
-                f"layers={layers!r} is not a valid range: need 0 <= start <= end <= {n - 1} "
-                f"(inclusive block indices of this {n}-layer model)"
-            )
+        start, end = default_layers(n) if layers is None else check_layer_range(layers, n)
         if component not in CAAP_COMPONENTS:
             raise ValueError(f"unknown component {component!r}; accepted: {', '.join(CAAP_COMPONENTS)}")
         check_score(score, CAAP_SCORES)
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        batch_size = None if batch_size is None else check_positive_int(batch_size, "batch_size")
         if direction not in DIRECTIONS:
             raise ValueError(f"unknown direction {direction!r}; accepted: {', '.join(DIRECTIONS)}")
         self._check_sets(sets, density, estimator, seed)
@@ -177,7 +176,8 @@ class CAAP(AttributionMethod):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; accepted: {', '.join(PRECISIONS)}")
         self.component, self.score, self.batch_size, self.progress = component, score, batch_size, progress
-        self.precision, self.direction, self.sets, self.seed = precision, direction, sets, seed
+        self.precision = choose_precision(precision, next(model.parameters()).device, allow_slow_bf16)
+        self.direction, self.sets, self.seed = direction, sets, seed
         self.density = None if sets is None else DEFAULT_DENSITY if density is None else float(density)
         self.estimator = None if sets is None else "difference" if estimator is None else estimator
 

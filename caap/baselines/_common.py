@@ -28,6 +28,7 @@ from torch import Tensor
 
 from caap.targets import Score, class_score
 from hooked_vit import HookedViT, act_name
+from hooked_vit.checks import check_indices
 from hooked_vit.preprocess import constant_image
 
 Readout = Literal["auto", "class", "pooled"]
@@ -52,11 +53,6 @@ def leaf_input(pixels: Tensor) -> Tensor:
 def check_choice(name: str, value: object, accepted: tuple[str, ...]) -> None:
     if value not in accepted:
         raise ValueError(f"{name}={value!r} is not accepted; choose one of {', '.join(map(repr, accepted))}")
-
-
-def check_positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def readout_weights(
@@ -134,16 +130,12 @@ def attention_names(model: HookedViT, layers: list[int], component: str = "patte
 
 
 def layer_list(model: HookedViT, layers: int | list[int] | None, name: str = "layers") -> list[int]:
-    """Normalise a layer selection (None = every layer; negative indices count from the end)."""
+    """Normalise a layer selection (None = every layer; one integer or several, of any integral type;
+    negative indices count from the end)."""
     n = model.cfg.n_layers
     if layers is None:
         return list(range(n))
-    seq = [layers] if isinstance(layers, int) else list(layers)
-    out = []
-    for layer in seq:
-        if not isinstance(layer, int) or not -n <= layer < n:
-            raise ValueError(f"{name}: layer {layer!r} is out of range; this model has {n} layers ({-n}..{n - 1})")
-        out.append(layer % n)
+    out = check_indices(layers, n, name)
     if not out:
         raise ValueError(f"{name} is empty")
     return sorted(set(out))

@@ -13,13 +13,13 @@ from caap.baselines._common import (
     attention_names,
     batched_scores,
     check_choice,
-    check_positive_int,
     chunks,
     finish,
     layer_list,
 )
 from caap.targets import Score
 from hooked_vit import HookedViT
+from hooked_vit.checks import check_positive_int
 
 
 class AtMan(AttributionMethod):
@@ -78,7 +78,7 @@ class AtMan(AttributionMethod):
     ) -> None:
         super().__init__(model)
         check_choice("score", score, BASELINE_SCORES)
-        check_positive_int("internal_batch_size", internal_batch_size)
+        internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
         if suppression_factor < 0:
             raise ValueError(f"suppression_factor must be >= 0, got {suppression_factor!r}")
         if conceptual_threshold is not None and not 0.0 <= conceptual_threshold <= 1.0:

@@ -13,13 +13,13 @@ from caap.baselines._common import (
     Readout,
     attention_with_grads,
     check_choice,
-    check_positive_int,
     chunks,
     finish,
     readout_weights,
 )
 from caap.targets import Score
 from hooked_vit import HookedViT
+from hooked_vit.checks import check_int, check_positive_int
 
 _DOC_COMMON = """
     Both variants end with the paper's integrated attention gradient of the last block,
@@ -43,9 +43,7 @@ def _start(model: HookedViT, start_layer: int | None, default_twelfths: int) -> 
     n = model.cfg.n_layers
     if start_layer is None:
         return int(n * default_twelfths / 12)
-    if not isinstance(start_layer, int) or isinstance(start_layer, bool) or not 0 <= start_layer < n:
-        raise ValueError(f"start_layer must be a block index in 0..{n - 1} (or None), got {start_layer!r}")
-    return start_layer
+    return check_int(start_layer, "start_layer", 0, n - 1)
 
 
 class _BeyondIntuition(AttributionMethod):
@@ -62,8 +60,8 @@ class _BeyondIntuition(AttributionMethod):
         internal_batch_size: int = 32,
     ) -> None:
         super().__init__(model)
-        check_positive_int("steps", steps)
-        check_positive_int("internal_batch_size", internal_batch_size)
+        steps = check_positive_int(steps, "steps")
+        internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
         check_choice("readout", readout, READOUTS)
         check_choice("score", score, BASELINE_SCORES)
         self.start_layer = _start(model, start_layer, self.default_twelfths)

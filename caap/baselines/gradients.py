@@ -20,7 +20,6 @@ from caap.attribution.base import AttributionMethod
 from caap.baselines._common import (
     BASELINE_SCORES,
     check_choice,
-    check_positive_int,
     check_reference,
     chunks,
     finish,
@@ -30,6 +29,7 @@ from caap.baselines._common import (
 )
 from caap.targets import Score
 from hooked_vit import HookedViT
+from hooked_vit.checks import check_positive_int
 
 IGMethod = Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"]
 IG_METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
@@ -118,8 +118,8 @@ class IntegratedGradients(AttributionMethod):
         score: Score = "logit",
     ) -> None:
         super().__init__(model)
-        check_positive_int("n_steps", n_steps)
-        check_positive_int("internal_batch_size", internal_batch_size)
+        n_steps = check_positive_int(n_steps, "n_steps")
+        internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
         check_choice("score", score, BASELINE_SCORES)
         check_reference(reference)
         self.steps, self.alphas = ig_alphas(n_steps, method)
@@ -192,8 +192,8 @@ class SmoothGrad(AttributionMethod):
         score: Score = "logit",
     ) -> None:
         super().__init__(model)
-        check_positive_int("n_samples", n_samples)
-        check_positive_int("internal_batch_size", internal_batch_size)
+        n_samples = check_positive_int(n_samples, "n_samples")
+        internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
         check_choice("score", score, BASELINE_SCORES)
         if noise_level < 0:
             raise ValueError(f"noise_level must be >= 0, got {noise_level!r}")

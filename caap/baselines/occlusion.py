@@ -11,7 +11,6 @@ from caap.baselines._common import (
     BASELINE_SCORES,
     batched_scores,
     check_choice,
-    check_positive_int,
     check_reference,
     chunks,
     finish,
@@ -19,6 +18,7 @@ from caap.baselines._common import (
 )
 from caap.targets import Score
 from hooked_vit import HookedViT
+from hooked_vit.checks import check_positive_int
 
 
 class Occlusion(AttributionMethod):
@@ -53,7 +53,7 @@ class Occlusion(AttributionMethod):
     ) -> None:
         super().__init__(model)
         check_choice("score", score, BASELINE_SCORES)
-        check_positive_int("internal_batch_size", internal_batch_size)
+        internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
         check_reference(reference)
         self.reference, self.score, self.internal_batch_size = reference, score, internal_batch_size
 

@@ -14,13 +14,13 @@ from caap.baselines._common import (
     BASELINE_SCORES,
     batched_scores,
     check_choice,
-    check_positive_int,
     check_reference,
     finish,
     reference_pixels,
 )
 from caap.targets import Score
 from hooked_vit import HookedViT
+from hooked_vit.checks import check_positive_int
 
 
 class RISE(AttributionMethod):
@@ -71,9 +71,9 @@ class RISE(AttributionMethod):
         internal_batch_size: int = 100,
     ) -> None:
         super().__init__(model)
-        check_positive_int("n_masks", n_masks)
-        check_positive_int("s", s)
-        check_positive_int("internal_batch_size", internal_batch_size)
+        n_masks = check_positive_int(n_masks, "n_masks")
+        s = check_positive_int(s, "s")
+        internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
         check_choice("score", score, BASELINE_SCORES)
         if not 0.0 < p1 <= 1.0:
             raise ValueError(f"p1 must be in (0, 1], got {p1!r}")

@@ -11,6 +11,7 @@ from torch import Tensor
 from caap.attribution.base import AttributionMethod
 from caap.baselines._common import READOUTS, Readout, attention_patterns, check_choice, finish, readout_weights
 from hooked_vit import HookedViT
+from hooked_vit.checks import check_index
 
 HeadFusion = Literal["mean", "max", "min"]
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -60,11 +61,8 @@ class AttentionRollout(AttributionMethod):
             raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio!r}")
         if not 0.0 <= residual <= 1.0:
             raise ValueError(f"residual must be in [0, 1], got {residual!r}")
-        n = model.cfg.n_layers
-        if not isinstance(start_layer, int) or not -n <= start_layer < n:
-            raise ValueError(f"start_layer={start_layer!r} is out of range for a model with {n} layers")
         self.head_fusion, self.discard_ratio, self.residual = head_fusion, float(discard_ratio), float(residual)
-        self.start_layer, self.readout = start_layer % n, readout
+        self.start_layer, self.readout = check_index(start_layer, model.cfg.n_layers, "start_layer"), readout
 
     def _fuse(self, pattern: Float[Tensor, "batch head q k"]) -> Float[Tensor, "batch q k"]:
         if self.head_fusion == "mean":

@@ -10,9 +10,10 @@ from torch import Tensor
 
 from caap.attribution.base import AttributionMethod
 from caap.baselines._clustering import kmeans
-from caap.baselines._common import BASELINE_SCORES, check_choice, check_positive_int, chunks, finish
+from caap.baselines._common import BASELINE_SCORES, check_choice, chunks, finish
 from caap.targets import Score, class_score
 from hooked_vit import HookedViT
+from hooked_vit.checks import check_positive_int
 
 MaskSource = Literal["clusters", "random"]
 
@@ -73,9 +74,9 @@ class TIS(AttributionMethod):
         kmeans_iters: int = 100,
     ) -> None:
         super().__init__(model)
-        check_positive_int("n_masks", n_masks)
-        check_positive_int("internal_batch_size", internal_batch_size)
-        check_positive_int("kmeans_iters", kmeans_iters)
+        n_masks = check_positive_int(n_masks, "n_masks")
+        internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
+        kmeans_iters = check_positive_int(kmeans_iters, "kmeans_iters")
         check_choice("masks", masks, ("clusters", "random"))
         check_choice("score", score, BASELINE_SCORES)
         if not isinstance(tokens_ratio, (int, float)) or not 0.0 < tokens_ratio <= 1.0:

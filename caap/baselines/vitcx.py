@@ -9,9 +9,10 @@ from torch import Tensor
 
 from caap.attribution.base import AttributionMethod
 from caap.baselines._clustering import agglomerative_complete
-from caap.baselines._common import BASELINE_SCORES, check_choice, check_positive_int, chunks, finish, layer_list
+from caap.baselines._common import BASELINE_SCORES, check_choice, chunks, finish, layer_list
 from caap.targets import Score, class_score
 from hooked_vit import HookedViT
+from hooked_vit.checks import check_positive_int
 
 
 def _minmax_rows(x: Tensor) -> Tensor:
@@ -76,7 +77,7 @@ class ViTCX(AttributionMethod):
     ) -> None:
         super().__init__(model)
         self.layer = layer_list(model, layer, "layer")[0]
-        check_positive_int("internal_batch_size", internal_batch_size)
+        internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
         check_choice("score", score, BASELINE_SCORES)
         if not 0.0 < distance_threshold <= 2.0:
             raise ValueError(f"distance_threshold must be in (0, 2] (a cosine distance), got {distance_threshold!r}")

@@ -32,6 +32,7 @@ from caap.metrics.base import Metric, Model, PerturbationCurve, as_map_batch, gr
 from caap.metrics.faithfulness import PerturbationMetric, perturbation_scores, unit_ranks
 from caap.metrics.tokens import TokenPerturbationMetric, cell_order, prefix_only_logits, token_scores
 from caap.targets import Target, class_score, resolve_targets
+from hooked_vit.checks import check_positive_int
 
 
 class Evaluator:
@@ -57,7 +58,8 @@ class Evaluator:
         clean_logits: Float[Tensor, "batch n_classes"] | None = None,
         batch_size: int = 64,
     ) -> None:
-        self.model, self.pixels, self.masks, self.batch_size = model, pixels, masks, batch_size
+        self.model, self.pixels, self.masks = model, pixels, masks
+        self.batch_size = check_positive_int(batch_size, "batch_size")
         self.size = (pixels.shape[-2], pixels.shape[-1])
         self.forwards = 0
         self.clean = self._forward(pixels) if clean_logits is None else clean_logits.to(pixels.device)

@@ -64,6 +64,7 @@ from caap.metrics.base import (
     upsample_maps,
 )
 from caap.targets import Score, Target, check_classes, check_score, class_score, resolve_targets
+from hooked_vit.checks import check_positive_int
 from hooked_vit.preprocess import gaussian_blur, normalize
 
 Substrate = Literal["zero", "blur", "black", "uniform"] | Tensor | Callable[[Tensor], Tensor]
@@ -177,8 +178,7 @@ def perturbation_scores(
     """
     if mode not in ("insert", "delete"):
         raise ValueError(f"mode must be 'insert' or 'delete', got {mode!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = check_positive_int(batch_size, "batch_size")
     b, n_steps = pixels.shape[0], counts.shape[0]
     counts = counts.to(pixels.device)
     total = b * n_steps
@@ -257,7 +257,7 @@ class PerturbationMetric(CurveMetric):
         self.score = score
         self.patch_size = patch_size
         self.interpolation = interpolation
-        self.batch_size = int(batch_size)
+        self.batch_size = check_positive_int(batch_size, "batch_size")
         self.progress = progress
         self.mean = mean
         self.std = std
@@ -319,9 +319,7 @@ class _AUCMetric(PerturbationMetric):
 
     def __init__(self, *, n_steps: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if n_steps is not None and n_steps < 1:
-            raise ValueError(f"n_steps must be >= 1, got {n_steps}")
-        self.n_steps = n_steps
+        self.n_steps = None if n_steps is None else check_positive_int(n_steps, "n_steps")
 
     def steps(self, n_units: int, n_cells: int) -> tuple[Tensor, Tensor]:
         if self.n_steps is None and self.level == "patch":
@@ -372,9 +370,7 @@ class _AOPCMetric(PerturbationMetric):
 
     def __init__(self, *, n_steps: int = 100, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if n_steps < 1:
-            raise ValueError(f"n_steps must be >= 1, got {n_steps}")
-        self.n_steps = int(n_steps)
+        self.n_steps = check_positive_int(n_steps, "n_steps")
 
     def steps(self, n_units: int, n_cells: int) -> tuple[Tensor, Tensor]:
         k = min(self.n_steps, n_cells)

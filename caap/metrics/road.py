@@ -58,6 +58,7 @@ from caap.metrics.base import (
 )
 from caap.metrics.faithfulness import PERTURBATION_SCORES, Order, _rank
 from caap.targets import Score, Target, check_classes, check_score, class_score, resolve_targets
+from hooked_vit.checks import check_positive_int
 from hooked_vit.preprocess import normalize, unnormalize
 
 #: (row offset, column offset, weight) of the neighbours in the imputation (Rong et al. 2022)
@@ -162,7 +163,7 @@ class ROADMetric(CurveMetric):
         self.noise = float(noise)
         self.score = score
         self.interpolation = interpolation
-        self.batch_size = int(batch_size)
+        self.batch_size = check_positive_int(batch_size, "batch_size")
         self.progress = progress
         self.mean = mean
         self.std = std

@@ -50,6 +50,7 @@ from caap.metrics.base import (
 )
 from caap.metrics.faithfulness import PERTURBATION_SCORES, Mode, Order, auc
 from caap.targets import Score, Target, check_classes, check_score, class_score, resolve_targets
+from hooked_vit.checks import check_positive_int
 
 #: show a progress bar when a curve takes at least this many model calls (unless `progress` says otherwise)
 PROGRESS_MIN_CALLS = 20
@@ -111,8 +112,7 @@ def token_scores(
     `batch_size` full-length images' worth of tokens (more rows when fewer tokens are kept)."""
     if mode not in ("insert", "delete"):
         raise ValueError(f"mode must be 'insert' or 'delete', got {mode!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = check_positive_int(batch_size, "batch_size")
     check_token_model(model)
     known = known or {}
     b, n = perm.shape
@@ -150,6 +150,7 @@ def prefix_only_logits(model: Model, pixels: Float[Tensor, "batch chan H W"], ba
     """The logits of the prefix tokens alone (no patch token kept), per image: the end of the curves
     where every patch is dropped."""
     check_token_model(model)
+    batch_size = check_positive_int(batch_size, "batch_size")
     b = pixels.shape[0]
     empty = torch.zeros(b, 0, dtype=torch.long, device=pixels.device)
     rows = max(1, batch_size * 8)
@@ -191,16 +192,14 @@ class TokenPerturbationMetric(CurveMetric):
         batch_size: int = 64,
         progress: bool | None = None,
     ) -> None:
-        if n_steps is not None and (isinstance(n_steps, bool) or int(n_steps) != n_steps or n_steps < 1):
-            raise ValueError(f"n_steps must be a whole number >= 1 (or None: one patch a step), got {n_steps!r}")
         if interpolation not in ("bilinear", "nearest"):
             raise ValueError(f"interpolation must be 'bilinear' or 'nearest', got {interpolation!r}")
         check_score(score, PERTURBATION_SCORES)
-        self.n_steps = None if n_steps is None else int(n_steps)
+        self.n_steps = None if n_steps is None else check_positive_int(n_steps, "n_steps")  # None: a patch a step
         self.score = score
         self.patch_size = patch_size
         self.interpolation = interpolation
-        self.batch_size = int(batch_size)
+        self.batch_size = check_positive_int(batch_size, "batch_size")
         self.progress = progress
 
     def steps(self, n_cells: int) -> tuple[Int[Tensor, " steps"], Float[Tensor, " steps"]]:

@@ -12,7 +12,7 @@ a source run, applied to a run in a context (the run the source's values are wri
 
 It needs only what TransformerLens' `HookedRootModule` models share: `run_with_cache`, `hooks()` and
 `forward(input, start_at_layer=..., stop_at_layer=...)`, so it runs unchanged on `HookedViT` and on
-`transformer_lens.HookedTransformer`.
+TransformerLens' `TransformerBridge` (language models, `caap.language_models`).
 
 Axes of hooked activations (TransformerLens conventions): [batch, pos, ...] for the residual stream,
 attention/MLP outputs and MLP neurons; [batch, pos, head, d] for q, k, v, z and result;
@@ -34,13 +34,27 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hooked_vit.checks import as_int, check_index, check_positive_int
 from hooked_vit.names import act_name
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 """score_fn(output, pair) -> score per row: `output` is the model's output for a batch of rows
 (logits), `pair` the index of each row's (source, context) pair, e.g. to look up its target class
 (`caap.patching.scores` makes the usual ones). Not to be confused with `caap.metrics.Metric`, which
-scores attribution maps."""
+scores attribution maps. A score function built for a number of pairs (one class per pair) carries it
+as its attribute `n_pairs`; the sweeps refuse to use it on another number of pairs (`check_score_pairs`)."""
+
+
+def check_score_pairs(score_fn: ScoreFn, n_pairs: int, exact: bool = True) -> None:
+    """A ValueError naming both counts when `score_fn` was built for another number of pairs than
+    `n_pairs` (its attribute `n_pairs`; a score function without one, or with None, takes any number).
+    `exact=False`: only more pairs than it was built for are refused (rows that use some pairs only)."""
+    built = getattr(score_fn, "n_pairs", None)
+    if built is not None and (n_pairs > built or (exact and n_pairs != built)):
+        raise ValueError(
+            f"the score function was built for {built} pair{'s' if built != 1 else ''} and is used with {n_pairs} "
+            f"pair{'s' if n_pairs != 1 else ''}: build it with one class (or token) per pair, or one for all"
+        )
 
 
 class HookedModelConfig(Protocol):
@@ -49,9 +63,9 @@ class HookedModelConfig(Protocol):
 
 class HookedModel(Protocol):
     """What the engine needs of a model: what TransformerLens' `HookedRootModule` models share
-    (`HookedViT`, `transformer_lens.HookedTransformer`; TransformerLens 4's `TransformerBridge` has the
-    same): `cfg.n_layers`, the hook points by name (`hook_dict`), `run_with_cache(x, names_filter=...)`,
-    `hooks(fwd_hooks=[(name, fn)])` (a context that adds hooks and removes them on exit),
+    (`HookedViT`; TransformerLens' `TransformerBridge` has the same): `cfg.n_layers`, the hook points by
+    name (`hook_dict`), `run_with_cache(x, names_filter=...)`, `hooks(fwd_hooks=[(name, fn)])` (a context
+    that adds hooks and removes them on exit),
     `forward(x, start_at_layer=..., stop_at_layer=...)` (a run from a given block's residual stream), and
     `parameters()` (for the device). Sweeps over pixels also use a ViT's `grid_size_for` / `to_grid`."""
 
@@ -199,20 +213,22 @@ def compile_interventions(
                 raise KeyError(f"no source activation for hook {w.hook!r}")
             act = source_cache[w.hook]
             pos_axis, head_axis = hook_axes(w.hook)
-            if not 0 <= iv.source < act.shape[0]:
-                raise IndexError(f"intervention {row} uses source {iv.source}; there are {act.shape[0]} sources")
+            source = as_int(iv.source, f"intervention {row}'s source")
+            if not 0 <= source < act.shape[0]:
+                raise IndexError(f"intervention {row} uses source {source}; there are {act.shape[0]} sources")
             n_pos = act.shape[pos_axis] if act.ndim > pos_axis else 1
             n_head = act.shape[head_axis] if head_axis is not None else 1
+            where = f" for {w.hook!r}"
             if w.pos is None:
                 positions: Sequence[int] = range(n_pos)
             elif isinstance(w.pos, tuple):
-                positions = [_check_index(p, n_pos, "position", w.hook) for p in w.pos]
+                positions = [check_index(p, n_pos, "position", where) for p in w.pos]
             else:
-                positions = [_check_index(w.pos, n_pos, "position", w.hook)]
+                positions = [check_index(w.pos, n_pos, "position", where)]
             if head_axis is None and w.head is not None:
                 raise ValueError(f"hook {w.hook!r} has no head axis; got head={w.head}")
-            heads = range(n_head) if w.head is None else [_check_index(w.head, n_head, "head", w.hook)]
-            table[w.hook].extend((row, p, h, iv.source) for p in positions for h in heads)
+            heads = range(n_head) if w.head is None else [check_index(w.head, n_head, "head", where)]
+            table[w.hook].extend((row, p, h, source) for p in positions for h in heads)
     out = {}
     for hook, entries in table.items():
         idx = torch.tensor(entries, dtype=torch.long, device=device)
@@ -221,12 +237,6 @@ def compile_interventions(
         cols = [c.contiguous() for c in idx.unbind(1)]
         out[hook] = _HookWrites(cols[0], cols[1], cols[2] if head_axis else None, cols[3], pos_axis, head_axis)
     return out
-
-
-def _check_index(i: int, n: int, what: str, hook: str) -> int:
-    if not -n <= i < n:
-        raise IndexError(f"{what} {i} is out of range for {hook!r}: accepted {-n}..{n - 1}")
-    return i % n
 
 
 def _write_hook(writes: _HookWrites, source_act: Tensor, r0: int, r1: int) -> Callable | None:
@@ -295,8 +305,7 @@ def batched_runs(
     walk every hook point of the model each time."""
     if batch_size is None:
         batch_size = default_batch_size(model, _n_pos(model, make_input(0, min(1, n_rows))))
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    batch_size = check_positive_int(batch_size, "batch_size")
     # as few batches as batch_size allows, of equal size (196 rows at 64 -> 4 x 49, not 64+64+64+4)
     n_batches = -(-n_rows // batch_size)
     bounds = [round(i * n_rows / n_batches) for i in range(n_batches + 1)]
@@ -316,7 +325,7 @@ def batched_runs(
         return hook
 
     # each dispatcher enters its own `hooks(fwd_hooks=...)` context: the one way to add and remove hooks
-    # that HookedRootModule (HookedViT, HookedTransformer) and TransformerLens 4's TransformerBridge share
+    # that HookedRootModule (HookedViT) and TransformerLens' TransformerBridge share
     # (the bridge's `add_hook` takes no level, and its bare `hooks()` removes only what it added itself)
     with torch.inference_mode(), contextlib.ExitStack() as stack:  # removes them in reverse, even on error
         registered: set[str] = set()
@@ -365,7 +374,7 @@ def run_interventions(
     """Run every intervention (one batch row each) and return the score per row, [n, ...].
 
     Args:
-        model: a HookedViT or a transformer_lens HookedTransformer (anything with `hooks()`,
+        model: a HookedViT or a TransformerLens `TransformerBridge` (anything with `hooks()`,
             `run_with_cache` and `forward(x, start_at_layer=..., stop_at_layer=...)`).
         interventions: the rows.
         sources: source inputs [n_sources, ...] (pixels / tokens) or a ready cache {hook: activation}.
@@ -374,9 +383,20 @@ def run_interventions(
         score_fn: `score_fn(output, pair) -> [rows, ...]`; `pair` is each row's entry of `pairs`
             (default: the row's context index).
         batch_size: rows per forward pass (None: `default_batch_size`).
+        pairs: each row's pair index, [n] integers (default: the row's context index).
     """
     if not interventions:
         raise ValueError("no interventions given")
+    if batch_size is not None:
+        check_positive_int(batch_size, "batch_size")
+    if pairs is not None:
+        pairs = torch.as_tensor(pairs)
+        if pairs.dtype.is_floating_point or pairs.dtype == torch.bool or pairs.shape != (len(interventions),):
+            raise ValueError(f"pairs must be one integer pair index per intervention [{len(interventions)}], got "
+                             f"a {pairs.dtype} tensor of shape {tuple(pairs.shape)}")
+    last = int(pairs.max()) if pairs is not None else max(as_int(iv.context, "an intervention's context")
+                                                            for iv in interventions)
+    check_score_pairs(score_fn, last + 1, exact=False)  # rows may use some of the pairs only
     n_layers = model.cfg.n_layers
     context = as_context(model, context)
     # each row starts at its own earliest patched block: group rows by start layer (stable order)
@@ -400,11 +420,11 @@ def run_interventions(
     _check_positions_align(source_cache, context, row_start)
     device = next(model.parameters()).device
     writes = compile_interventions(interventions, source_cache, device)
-    rows_ctx = torch.tensor([iv.context for iv in interventions], device=device)
+    rows_ctx = torch.tensor([as_int(iv.context, "an intervention's context") for iv in interventions], device=device)
     if int(rows_ctx.max()) >= context.n or int(rows_ctx.min()) < 0:
         raise IndexError(f"interventions use context rows up to {int(rows_ctx.max())}; there are {context.n}")
     order_t = torch.tensor(order, device=device)
-    pair = (rows_ctx if pairs is None else torch.as_tensor(pairs, device=device)[order_t])
+    pair = (rows_ctx if pairs is None else pairs.to(device)[order_t])
 
     def make_hooks(r0: int, r1: int) -> list[tuple[str, Callable]]:
         out = []

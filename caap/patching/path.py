@@ -21,7 +21,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from caap.patching.engine import HookedModel, InputContext, ScoreFn, batched_runs, cache_sources
+from caap.patching.engine import HookedModel, InputContext, ScoreFn, batched_runs, cache_sources, check_score_pairs
+from hooked_vit.checks import as_int, check_positive_int, describe
 from hooked_vit.names import act_name
 
 Head = tuple[int, int]
@@ -56,11 +57,15 @@ def path_patch(
     cfg = model.cfg
     if sources.shape[0] != contexts.shape[0]:
         raise ValueError(f"{sources.shape[0]} sources and {contexts.shape[0]} contexts: give one source per context")
-    senders = [(layer, head) for layer in range(cfg.n_layers) for head in range(cfg.n_heads)] if senders is None else list(senders)
+    check_score_pairs(score_fn, sources.shape[0])
+    if batch_size is not None:
+        check_positive_int(batch_size, "batch_size")
+    if senders is None:
+        senders = [(layer, head) for layer in range(cfg.n_layers) for head in range(cfg.n_heads)]
+    else:
+        senders = [check_head(cfg, item, "sender") for item in senders]
     if not senders:
         raise ValueError("no sender heads given")
-    for layer, head in senders:
-        _check_head(cfg, layer, head)
     kinds = [receiver_input] if isinstance(receiver_input, str) else list(receiver_input)
     if any(k not in ("q", "k", "v") for k in kinds):
         raise ValueError(f"receiver_input must be 'q', 'k', 'v' or a list of them; got {receiver_input!r}")
@@ -75,11 +80,9 @@ def path_patch(
             f"path patching supports receiver_input='q' or receivers='logits' here"
         )
     if not to_logits:
-        receivers = list(receivers)
+        receivers = [check_head(cfg, item, "receiver") for item in receivers]
         if not receivers:
             raise ValueError("no receiver heads given")
-        for layer, head in receivers:
-            _check_head(cfg, layer, head)
 
     n_pairs, n_send = sources.shape[0], len(senders)
     n_rows = n_pairs * n_send
@@ -160,9 +163,18 @@ def path_patch(
     ).view(n_pairs, n_send)
 
 
-def _check_head(cfg: Any, layer: int, head: int) -> None:
+def check_head(cfg: Any, item: Any, what: str = "head") -> Head:
+    """`item` as a (layer, head) pair of Python ints: two integers (any integral type: Python, numpy, 0-d
+    tensors) naming a head of the model whose config is `cfg`; a ValueError says what is wrong (`what`
+    names the argument: "sender", "receiver", ...)."""
+    try:
+        layer, head = item
+    except (TypeError, ValueError):
+        raise ValueError(f"each {what} must be a (layer, head) pair, got {describe(item)}") from None
+    layer, head = as_int(layer, f"a {what}'s layer"), as_int(head, f"a {what}'s head")
     if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
         raise ValueError(f"head ({layer}, {head}) is out of range: layers 0..{cfg.n_layers - 1}, heads 0..{cfg.n_heads - 1}")
+    return layer, head
 
 
 def _freeze_z(ctx_z: Tensor, src_z: Tensor, pair: Tensor, rows: Tensor, heads: Tensor) -> Callable:

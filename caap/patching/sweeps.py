@@ -26,9 +26,11 @@ from caap.patching.engine import (
     ScoreFn,
     Write,
     as_context,
+    check_score_pairs,
     run_interventions,
     unpatched_scores,
 )
+from hooked_vit.checks import check_indices, check_positive_int
 from hooked_vit.names import COMPONENTS, HEAD_COMPONENTS, act_name  # noqa: F401 - COMPONENTS: caap.patching re-exports it
 
 
@@ -127,7 +129,9 @@ def sweep(
             (e.g. a neutral context's residual streams).
         score_fn: `score_fn(output, pair) -> [rows]` (`caap.patching.scores`).
         component: one name or several, from `COMPONENTS`.
-        layers / positions / heads: what to sweep (default: all).
+        layers / positions / heads: what to sweep (default: all): integers of any integral type (Python,
+            numpy, 0-d tensors) or a 1-d integer tensor, negative ones counted from the end.
+        batch_size: rows per forward pass (None: the engine's `default_batch_size`).
         per_position: for head components, patch each (position, head) (True) or each head at every
             position (False). Default: False for `pattern`, True otherwise.
 
@@ -147,14 +151,17 @@ def sweep(
     if "result" in components and not getattr(model.cfg, "use_attn_result", False):
         raise ValueError("component 'result' needs model.cfg.use_attn_result = True (model.set_use_attn_result(True))")
 
+    if batch_size is not None:
+        check_positive_int(batch_size, "batch_size")
     context = as_context(model, context)
     n_pairs = _n_pairs(sources.shape[0], context.n)
+    check_score_pairs(score_fn, n_pairs)
     n_layers = model.cfg.n_layers
-    layers = list(range(n_layers)) if layers is None else [_check(layer, n_layers, "layer") for layer in layers]
+    layers = list(range(n_layers)) if layers is None else check_indices(layers, n_layers, "layer")
     n_pos = _n_positions(model, sources)
-    positions = list(range(n_pos)) if positions is None else [_check(p, n_pos, "position") for p in positions]
+    positions = list(range(n_pos)) if positions is None else check_indices(positions, n_pos, "position")
     n_heads = model.cfg.n_heads
-    heads = list(range(n_heads)) if heads is None else [_check(h, n_heads, "head") for h in heads]
+    heads = list(range(n_heads)) if heads is None else check_indices(heads, n_heads, "head")
 
     axes: list[tuple[str, list]] = [("pair", list(range(n_pairs)))]
     if len(components) > 1:
@@ -184,12 +191,6 @@ def sweep(
     source_score = unpatched_scores(model, InputContext(model, sources), score_fn, n_pairs)
     dims = tuple(n for n, _ in axes) + tuple(f"out{i}" for i in range(values.ndim - 1))
     return SweepResult(values.view(shape), dims, {n: c for n, c in axes}, context_score, source_score)
-
-
-def _check(i: int, n: int, what: str) -> int:
-    if not -n <= i < n:
-        raise ValueError(f"{what} {i} is out of range: accepted 0..{n - 1}")
-    return i % n
 
 
 def _n_positions(model: HookedModel, sources: Tensor) -> int:

@@ -26,6 +26,7 @@ from caap.plots._inputs import (
     overlay_array,
 )
 from caap.plots._summary import _axis_title, summarize
+from hooked_vit.checks import check_positive_int
 
 # Layout of the PIL-composed PNGs, in output pixels (public so that a caller can predict the size):
 #   save_overlay_png: width  = PAD + W*scale + PAD + W*scale + PAD (+ CBAR_W with colorbar)
@@ -206,9 +207,7 @@ def save_grid_png(
     n = len(cells)
     if n == 0:
         raise ValueError("maps is empty: nothing to draw")
-    ncols = int(ncols or min(n, 4))
-    if ncols < 1:
-        raise ValueError(f"ncols must be at least 1, got {ncols}")
+    ncols = min(n, 4) if ncols is None else check_positive_int(ncols, "ncols")
     nrows = math.ceil(n / ncols)
     imgs = _split_images(images, n, data_config)
     checks = (("titles", titles, n), ("row_titles", row_titles, nrows), ("col_titles", col_titles, ncols))
