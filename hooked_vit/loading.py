@@ -19,8 +19,47 @@ import torch
 import torch.nn as nn
 
 
-class UnsupportedTimmFeature(ValueError):
-    """The timm model uses a feature HookedViT does not convert."""
+class UnsupportedFeature(ValueError):
+    """The source model (timm or Hugging Face `transformers`) uses an architecture, a feature or a config
+    option that HookedViT does not convert; the message names it and what is supported."""
+
+
+UnsupportedTimmFeature = UnsupportedFeature
+"""The name this error had when only timm models converted (kept for existing code)."""
+
+
+class ConversionMismatch(RuntimeError):
+    """The converted model does not compute what its source computes on the check input (refused
+    rather than returned: a silently different model is worse than none)."""
+
+
+def check_against_source(
+    model: nn.Module, reference: Callable[[torch.Tensor], torch.Tensor], source: str, seed: int = 0,
+) -> float:
+    """Run `model` and `reference` (the source model's forward) on one image of Gaussian pixels at the
+    model's native size, on the model's device and in its dtype, and raise `ConversionMismatch` unless
+    the outputs agree: max |difference| <= 1e-4 x max(1, max |reference|) in fp32 or fp64, 1e-2 x in
+    half precision (the check catches a wrong structure, whose errors are of the order of the outputs,
+    not float rounding). Returns the max |difference|."""
+    param = next(model.parameters())
+    cfg = model.cfg
+    x = torch.randn(1, cfg.in_chans, *cfg.img_size, generator=torch.Generator().manual_seed(seed))
+    x = x.to(device=param.device, dtype=param.dtype)
+    with torch.inference_mode():
+        ref, out = reference(x), model(x)
+    if out.shape != ref.shape:
+        raise ConversionMismatch(
+            f"the converted model returns {tuple(out.shape)}, {source} returns {tuple(ref.shape)} on the check input"
+        )
+    diff = (out.float() - ref.float()).abs().max().item()
+    rel = 1e-4 if param.dtype in (torch.float32, torch.float64) else 1e-2
+    tol = rel * max(1.0, ref.float().abs().max().item())
+    if not diff <= tol:  # NaN fails too
+        raise ConversionMismatch(
+            f"the converted model differs from {source} on the check input by up to {diff:.3g} (tolerance {tol:.3g}): "
+            f"refusing a silently different model; please report the model's config"
+        )
+    return diff
 
 
 def _blocks(m: nn.Module) -> list[nn.Module]:
