@@ -391,6 +391,8 @@ def convert_hf_state_dict(model: nn.Module, class_name: str) -> dict[str, torch.
     unknown = []
     for key, value in tower.state_dict().items():
         value = value.detach()
+        if any(re.search(u, key) for u in unused):
+            continue
         matched = False
         for r in family.renames:
             if not re.search(r.pattern, key):
@@ -405,7 +407,7 @@ def convert_hf_state_dict(model: nn.Module, class_name: str) -> dict[str, torch.
                 parts.setdefault(target, {})[r.part[0]] = value
             else:
                 out[target] = value.reshape(1, -1, value.shape[-1]) if r.reshape else value
-        if not matched and not any(re.search(u, key) for u in unused):
+        if not matched:
             unknown.append(key)
     if unknown:
         raise UnsupportedFeature(
