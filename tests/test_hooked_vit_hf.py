@@ -34,15 +34,16 @@ TOL = 1e-5
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 
-def _load_parity_module():
-    spec = importlib.util.spec_from_file_location("experiments_parity_hf", EXPERIMENTS / "parity_hf.py")
+def _load_experiment(name: str):
+    """An experiments/ script as a module (they are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"experiments_{name}", EXPERIMENTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-P = _load_parity_module()
+P = _load_experiment("parity_hf")
 
 
 def images(n: int = 2, seed: int = 0, size: tuple[int, int] = (32, 32)) -> torch.Tensor:
@@ -450,7 +451,7 @@ def test_path_patching_to_the_logits_equals_hf_forwards(case):
     ref = []
     for layer in range(hooked.cfg.n_layers):
         for head in range(h):
-            def freeze(m, a, i):
+            def freeze(m, a, i, layer=layer, head=head):
                 z = z_ctx[i].clone()
                 if i == layer:
                     z[..., head * dh:(head + 1) * dh] = z_src[i][..., head * dh:(head + 1) * dh]
@@ -553,7 +554,7 @@ def test_direct_logit_attribution_sums_to_the_logits(case):
     """The heads the Hugging Face families bring stay affine in the last residual stream: DINOv2's class
     token and patch mean side by side, DeiT's class head beside an unread distillation token, CLIP's
     projection (with a linear probe on it)."""
-    model, hooked, _ = scored(case)
+    _, hooked, _ = scored(case)
     x = images(2, seed=10)
     with torch.no_grad():
         logits, cache = hooked.run_with_cache(x)
@@ -569,7 +570,7 @@ def test_direct_logit_attribution_sums_to_the_logits(case):
 @pytest.mark.parametrize("case, match", [("siglip_classifier", None), ("siglip_model", "unit length"),
                                          ("siglip_features", "not linear")])
 def test_direct_logit_attribution_refuses_nonlinear_heads(case, match):
-    model, hooked, _ = scored(case)
+    _, hooked, _ = scored(case)
     with torch.no_grad():
         logits, cache = hooked.run_with_cache(images(1))
     stack = cache.decompose_resid()
@@ -589,3 +590,32 @@ def test_caap_bf16_delta_on_a_swiglu_model_stays_close_to_fp32():
     delta = CAAP(hooked, layers=(0, 1), context="grey", precision="bf16_delta").attribute(x, target=3)
     corr = torch.corrcoef(torch.stack([fp32.flatten(), delta.flatten()]))[0, 1]
     assert corr > 0.99
+
+
+# ---------------------------------------------------------------------------------------------- TransformerLens 4's ViT bridge
+def test_transformerlens_vit_bridge_cross_check(tmp_path):
+    """TransformerLens 4's ViT bridge and `HookedViT.from_hf` on one Hugging Face ViT (experiments/bridge_vit.py):
+    the same logits and the same activations at every hook point the engine patches, and the same resid_pre
+    sweep (the engine on HookedViT; one bridge forward per patch with the bridge's own hooks). The engine itself
+    needs `start_at_layer`, which TransformerLens 4.3 refuses for vision models: where it does, the refusal is
+    checked; where a later TransformerLens accepts it, the engine's results on both must agree."""
+    pytest.importorskip("transformer_lens.model_bridge.supported_architectures.vit",
+                        reason="this TransformerLens has no ViT bridge (TransformerLens 4 has)")
+    B = _load_experiment("bridge_vit")
+    model = P.build("vit")
+    hooked, bridge = P.convert(model), B.boot_bridge(model, tmp_path)
+    x = images(2, seed=12)
+    with torch.no_grad():
+        assert (bridge(x) - hooked(x)).abs().max() <= TOL
+    names = [f"blocks.{layer}.{n}" for layer in range(2) for n in B.ENGINE_HOOKS]
+    for name, diff in B.compare_hooks(bridge, hooked, x, names).items():
+        assert isinstance(diff, float) and diff <= TOL, (name, diff)
+    source, context, target = x[:1], x[1:], 4
+    ours = sweep(hooked, source, context, logit_score(target), component="resid_pre", progress=False).values[0]
+    loop = B.bridge_sweep(bridge, source, context, target, 2, hooked.cfg.n_ctx)
+    assert (ours - loop).abs().max() <= 1e-4 and float(loop.std()) > 1e-3
+    on_bridge = B.engine_on_bridge(bridge, source, context, target, 2, hooked.cfg.n_ctx)
+    if isinstance(on_bridge, str):
+        assert "start_at_layer is not supported for vision models" in on_bridge
+    else:
+        assert (on_bridge - ours).abs().max() <= 1e-4

@@ -8,9 +8,9 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import scramble
 
 import hooked_vit.model
-from conftest import scramble
 from hooked_vit import HookedViT, HookedViTConfig
 from hooked_vit.cache import ViTActivationCache
 
