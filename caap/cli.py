@@ -147,13 +147,15 @@ def check_context(spec: str) -> None:
 
 def architecture(name: str, checkpoint: str | None) -> tuple[Any, dict[str, Any]]:
     """(HookedViTConfig, data config) of `--model`, read without weights; and `--checkpoint` exists."""
-    from caap.models import model_config
+    from caap.models import is_hf_folder, model_config
 
+    if checkpoint is not None and is_hf_folder(name):
+        raise CLIError(f"--checkpoint is for timm model names; the Hugging Face folder {name} holds its own weights")
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise CLIError(f"checkpoint file not found: {checkpoint}")
     try:
         return model_config(name)
-    except ValueError as e:  # unknown timm name, or not a ViT HookedViT converts (UnsupportedTimmFeature)
+    except ValueError as e:  # unknown timm name, or not a ViT HookedViT converts (UnsupportedFeature)
         raise CLIError(f"--model {name}: {e}") from None
 
 
@@ -164,13 +166,13 @@ def read_pixels(images: list[ImageArg], data_config: dict[str, Any]) -> list[Any
     return [preprocess(im.image, data_config) for im in images]
 
 
-def _top_classes(logits: Any, k: int = 5) -> list[dict[str, Any]]:
-    from caap.data import class_name
+def _top_classes(logits: Any, model: Any, k: int = 5) -> list[dict[str, Any]]:
+    from caap.models import class_label
 
     probs = logits.float().softmax(-1)
     top = probs.topk(k)
     return [
-        {"class": int(i), "name": class_name(int(i)), "prob": round(float(p), 5), "logit": round(float(logits[i]), 4)}
+        {"class": int(i), "name": class_label(model, int(i)), "prob": round(float(p), 5), "logit": round(float(logits[i]), 4)}
         for p, i in zip(top.values, top.indices)
     ]
 
@@ -191,9 +193,8 @@ def cmd_explain(args: argparse.Namespace) -> None:
     import torch
 
     from caap import CAAP
-    from caap.data import class_name
     from caap.files import atomic_paths
-    from caap.models import load_model
+    from caap.models import class_label, load_model
     from caap.plots import overlay_figure, save_html, save_overlay_png
 
     model = load_model(args.model, args.checkpoint)
@@ -209,12 +210,12 @@ def cmd_explain(args: argparse.Namespace) -> None:
         amap = method.attribute(x, target=cls)[0].float().cpu()
         seconds = time.perf_counter() - t0
         start, end = method.layers
-        title = f"CAAP for '{class_name(cls)}' ({cls}), layers {start}-{end}, {method.context.name} context"
+        title = f"CAAP for '{class_label(model, cls)}' ({cls}), layers {start}-{end}, {method.context.name} context"
         summary = {
             "image": im.image if isinstance(im.image, str) else im.stem,
             "model": args.model,
-            "target": {"class": cls, "name": class_name(cls)},
-            "top_classes": _top_classes(logits),
+            "target": {"class": cls, "name": class_label(model, cls)},
+            "top_classes": _top_classes(logits, model),
             "settings": {"layers": [start, end], "context": method.context.name, "component": method.component,
                          "score": args.score, "batch_size": args.batch_size, "grid": list(amap.shape)},
             "seconds": round(seconds, 3),
@@ -226,7 +227,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
                                      value_label=args.score), html)
             np.save(npy, amap.numpy())
             js.write_text(json.dumps(summary, indent=2))
-        print(f"{im.stem}: {class_name(cls)} ({cls}) -> {files[im.stem][0]} [{seconds:.1f} s]")
+        print(f"{im.stem}: {class_label(model, cls)} ({cls}) -> {files[im.stem][0]} [{seconds:.1f} s]")
     print(f"wrote {len(images) * len(suffixes)} files to {out}/ (PNG overlay, HTML view, .npy map, JSON summary)")
 
 
@@ -245,9 +246,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     import torch
 
     from caap.contexts import get_context
-    from caap.data import class_name
     from caap.files import atomic_paths
-    from caap.models import load_model
+    from caap.models import class_label, load_model
     from caap.patching import logit_score, sweep
     from caap.plots import layer_patch_figure, save_heatmap_png, save_html
 
@@ -264,10 +264,10 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                    positions=positions, batch_size=args.batch_size)
     seconds = time.perf_counter() - t0
     values = result.to_grid(model).values[0].float().cpu()  # [layer, grid_h, grid_w]
-    title = f"{args.component} patched from '{image.stem}' into the {args.context} context: logit of '{class_name(cls)}'"
+    title = f"{args.component} patched from '{image.stem}' into the {args.context} context: logit of '{class_label(model, cls)}'"
     summary = {"image": image.image if isinstance(image.image, str) else image.stem, "model": args.model,
                "component": args.component, "context": args.context,
-               "target": {"class": cls, "name": class_name(cls)}, "dims": ["layer", "grid_h", "grid_w"],
+               "target": {"class": cls, "name": class_label(model, cls)}, "dims": ["layer", "grid_h", "grid_w"],
                "context_score": float(result.context_score[0]), "source_score": float(result.source_score[0]),
                "seconds": round(seconds, 3)}
     out.mkdir(parents=True, exist_ok=True)
@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name (default {DEFAULT_MODEL})")
+        p.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name, or a Hugging Face model folder (save_pretrained) (default {DEFAULT_MODEL})")
         p.add_argument("--checkpoint", help="local timm state dict; default $CAAP_CHECKPOINT_DIR/<model>.pth, "
                                             "else ../shared/models/<model>.pth, else the hub")
         p.add_argument("--context", default=DEFAULT_CONTEXT,
@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "file (.txt, one path per line)")
     d.add_argument("--out", default="caap_dataset", help="output folder (default ./caap_dataset); one subfolder "
                                                          "per settings hash")
-    d.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name (default {DEFAULT_MODEL})")
+    d.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name, or a Hugging Face model folder (save_pretrained) (default {DEFAULT_MODEL})")
     d.add_argument("--checkpoint", help="local timm state dict (default: as for explain)")
     d.add_argument("--layers", help="START:END, inclusive block indices (default: the measured default)")
     d.add_argument("--context", default=DEFAULT_CONTEXT, help=f"neutral context (default {DEFAULT_CONTEXT})")

@@ -509,6 +509,45 @@ def _n_classes(model: nn.Module, spec: HFClass) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- the whole way
+def _folder_processor(folder: str | os.PathLike) -> Any:
+    """The image processor saved in a `save_pretrained` folder (offline), or None if it holds none."""
+    if not (Path(folder) / "preprocessor_config.json").is_file():
+        return None
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+
+
+def _data_config(processor: Any, cfg: HookedViTConfig, spec: HFClass, name: str) -> dict[str, Any]:
+    from hooked_vit.preprocess import data_config_from_processor
+
+    if processor is None:
+        warnings.warn(
+            f"no image processor given for this {name}: preprocess resizes to {cfg.img_size[0]}x{cfg.img_size[1]} "
+            f"with the {spec.family} family's default mean, std and resampling; pass processor= (the model's "
+            f"AutoImageProcessor) for its own preprocessing", stacklevel=4)
+    return data_config_from_processor(processor, cfg, PROCESSOR_DEFAULTS[spec.family])
+
+
+def folder_config(folder: str | os.PathLike, dynamic_img_size: bool | None = None
+                  ) -> tuple[HookedViTConfig, dict[str, Any]]:
+    """(HookedViTConfig, data config) of a `save_pretrained` folder, read offline without its weights: what
+    `HookedViT.from_hf(folder)` will be, for checking arguments before anything heavy happens."""
+    config, name = read_folder_config(folder)
+    cfg = config_from_hf(config, name, dynamic_img_size)
+    return cfg, _data_config(_folder_processor(folder), cfg, HF_CLASSES[name], name)
+
+
+def class_names_of(model: nn.Module, n_classes: int) -> list[str] | None:
+    """The source's class names (`config.id2label`) when it names its `n_classes` classes (not transformers'
+    placeholder "LABEL_i"), else None."""
+    labels = getattr(model.config, "id2label", None) or {}
+    names = [labels.get(i, labels.get(str(i))) for i in range(n_classes)]
+    if n_classes == 0 or any(n is None for n in names) or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+        return None
+    return [str(n) for n in names]
+
+
 def hooked_vit_from_hf(
     cls,
     model_or_folder: nn.Module | str | os.PathLike,
@@ -519,17 +558,13 @@ def hooked_vit_from_hf(
     check: bool = True,
 ):
     """`HookedViT.from_hf`: see there."""
-    from hooked_vit.preprocess import data_config_from_processor
-
     if isinstance(model_or_folder, (str, os.PathLike)):
         import transformers
 
         config, name = read_folder_config(model_or_folder)
         config_from_hf(config, name, dynamic_img_size)  # every refusal before the weights are read
-        if processor is None and (Path(model_or_folder) / "preprocessor_config.json").is_file():
-            from transformers import AutoImageProcessor
-
-            processor = AutoImageProcessor.from_pretrained(model_or_folder, local_files_only=True)
+        if processor is None:
+            processor = _folder_processor(model_or_folder)
         model = getattr(transformers, name).from_pretrained(model_or_folder, local_files_only=True)
     elif isinstance(model_or_folder, nn.Module):
         model = model_or_folder
@@ -541,17 +576,13 @@ def hooked_vit_from_hf(
     if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
         raise UnsupportedFeature(f"{name} holds quantised weights: convert the unquantised model")
     cfg = config_from_hf(_vision_config(model, spec), name, dynamic_img_size, n_classes=_n_classes(model, spec))
-    if processor is None:
-        warnings.warn(
-            f"no image processor given for this {name}: preprocess resizes to {cfg.img_size[0]}x{cfg.img_size[1]} "
-            f"with the {spec.family} family's default mean, std and resampling; pass processor= (the model's "
-            f"AutoImageProcessor) for its own preprocessing", stacklevel=3)
-    data_config = data_config_from_processor(processor, cfg, PROCESSOR_DEFAULTS[spec.family])
+    data_config = _data_config(processor, cfg, spec, name)
     source_param = next(model.parameters())
     hooked = cls(cfg, data_config=data_config).to(device=source_param.device, dtype=source_param.dtype)
     hooked.load_state_dict(convert_hf_state_dict(model, name), strict=True)
     hooked.eval()
     hooked.hf_name = getattr(model.config, "_name_or_path", "") or name
+    hooked.class_names = class_names_of(model, cfg.n_classes)
     if check:
         was_training = model.training
         model.eval()

@@ -98,6 +98,9 @@ class HookedViT(HookedRootModule):
         self.hook_pooled = HookPoint()  # [batch, d_model] ([batch, 2, d_model]: distilled, 'token_avg')
         self.hook_projected = HookPoint() if cfg.proj_dim else None  # [batch, proj_dim]
         self._tail_hook_points: list[HookPoint] | None = None  # see _head_tokens
+        self.class_names: list[str] | None = None
+        """The head's class names where the source names them (a Hugging Face config's `id2label`, or
+        `set_head` / `set_zero_shot_head`'s), else None (timm models: ImageNet's, `caap.data.class_names`)."""
         self.setup()
         self.cfg.device = self._param_device()
 
@@ -519,13 +522,15 @@ class HookedViT(HookedRootModule):
         return self.W_U[:, idx].T if idx.ndim else self.W_U[:, idx]
 
     def set_head(
-        self, weight: Float[Tensor, "n_classes d_features"], bias: Float[Tensor, " n_classes"] | None = None
+        self, weight: Float[Tensor, "n_classes d_features"], bias: Float[Tensor, " n_classes"] | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> HookedViT:
         """Give the model a linear head on its features (a linear probe, or any class directions): then
         logits = features @ weight.T + bias, and CAAP, the sweeps and every attribution method score those.
         The features are what the model returned without a head (the pooled representation, after the
         final norm, the projection and the unit-length scaling where the model has them), `cfg.d_features`
-        wide. Replaces a head the model had (a distilled model's two heads too). Returns the model."""
+        wide. Replaces a head the model had (a distilled model's two heads too). `class_names`: one per row
+        (`model.class_names`). Returns the model."""
         d = self.cfg.d_features
         weight = torch.as_tensor(weight)
         if weight.ndim != 2 or weight.shape[1] != d or weight.shape[0] < 1 or not weight.is_floating_point():
@@ -538,6 +543,8 @@ class HookedViT(HookedRootModule):
                 raise ValueError(f"bias must be [n_classes={n}], got {tuple(bias.shape)}")
         if not bool(torch.isfinite(weight).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
             raise ValueError("the head's weight and bias must be finite")
+        if class_names is not None and len(class_names) != n:
+            raise ValueError(f"class_names has {len(class_names)} names for {n} classes")
         param = next(self.parameters())
         head = nn.Linear(d, n).to(device=param.device, dtype=param.dtype)
         with torch.no_grad():
@@ -545,11 +552,12 @@ class HookedViT(HookedRootModule):
             head.bias.copy_(bias if bias is not None else torch.zeros(n))
         self.head, self.head_dist = head, None
         self.cfg.n_classes, self.cfg.dist_head = n, False
+        self.class_names = [str(c) for c in class_names] if class_names is not None else None
         return self
 
     def set_zero_shot_head(
         self, class_embeddings: Float[Tensor, "n_classes d_features"], logit_scale: float = 100.0,
-        logit_bias: float = 0.0,
+        logit_bias: float = 0.0, class_names: Sequence[str] | None = None,
     ) -> HookedViT:
         """CLIP and SigLIP zero-shot classification as the model's head: logits = logit_scale x cosine
         similarity between the image embedding and each class embedding + logit_bias, as CLIPModel's
@@ -557,7 +565,8 @@ class HookedViT(HookedRootModule):
         logit_bias = `siglip.logit_bias`). `class_embeddings`: one row per class, in the image embedding's
         space, e.g. `clip.get_text_features(**tokenizer(prompts, padding=True, return_tensors="pt"))`.
         The features are scaled to unit length (`cfg.normalize_features`, hook `feature_norm.*`), the head's
-        rows are the class embeddings at unit length times logit_scale. Returns the model."""
+        rows are the class embeddings at unit length times logit_scale. `class_names`: one per class
+        embedding (e.g. the prompts' class words). Returns the model."""
         emb = torch.as_tensor(class_embeddings)
         if emb.ndim != 2 or not emb.is_floating_point():
             raise ValueError(f"class_embeddings must be a float tensor [n_classes, d], got {emb.dtype} {tuple(emb.shape)}")
@@ -568,7 +577,7 @@ class HookedViT(HookedRootModule):
             raise ValueError(f"logit_scale must be a positive number, got {logit_scale!r}")
         n = emb.shape[0]
         bias = torch.full((n,), float(logit_bias))
-        self.set_head(emb.float() / norms * float(logit_scale), bias)
+        self.set_head(emb.float() / norms * float(logit_scale), bias, class_names)
         if self.feature_norm is None:
             self.cfg.normalize_features = True
             self.feature_norm = FeatureNorm()

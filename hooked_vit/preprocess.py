@@ -204,7 +204,7 @@ def data_config_from_processor(processor: Any, cfg: Any, defaults: dict[str, Any
         "mean": mean,
         "std": std,
         "interpolation": _RESAMPLE_NAMES.get(resample, str(resample)),
-        "crop_pct": out_size[0] / short if short and crop else 1.0,
+        "crop_pct": out_size[0] / (short or int(size.get("height", out_size[0]))) if crop else 1.0,
         "crop_mode": "center" if short else "squash",
         "processor": HF_PROCESSOR,
         "hf_resize": ("shortest_edge", int(short)) if short else (
@@ -240,6 +240,28 @@ class HFImageTransform:
         import torchvision.transforms.v2.functional as tvF
 
         x = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()  # uint8 [3, H, W]
+        x = self._geometry(x, self.mode)
+        x = x.to(torch.float32)
+        if self.normalize:
+            scale = 1.0 / self.rescale if self.rescale is not None else 1.0
+            mean, std = torch.tensor(self.mean) * scale, torch.tensor(self.std) * scale
+            return tvF.normalize(x, mean.tolist(), std.tolist())
+        return x * self.rescale if self.rescale is not None else x
+
+    def geometric(self, image: Image.Image) -> Image.Image:
+        """Only the resize and crop, with nearest-neighbour resampling (to carry masks and boxes into the
+        model's input frame: `caap.data.geometric_transform`)."""
+        from torchvision.transforms import InterpolationMode
+
+        x = torch.from_numpy(np.array(image))
+        x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+        out = self._geometry(x.contiguous(), InterpolationMode.NEAREST_EXACT).permute(1, 2, 0).numpy()
+        return Image.fromarray(out[..., 0] if out.shape[-1] == 1 else out)
+
+    def _geometry(self, x: Tensor, mode: Any) -> Tensor:
+        """Resize (antialiased, as the processor) and center crop of an image tensor [C, H, W]."""
+        import torchvision.transforms.v2.functional as tvF
+
         if self.resize is not None:
             kind, value = self.resize
             if kind == "shortest_edge":
@@ -247,15 +269,8 @@ class HFImageTransform:
                 short, long = (w, h) if w <= h else (h, w)
                 new_short, new_long = value, int(value * long / short)
                 value = (new_long, new_short) if w <= h else (new_short, new_long)
-            x = tvF.resize(x, list(value), interpolation=self.mode, antialias=True)
-        if self.crop is not None:
-            x = self._center_crop(x, *self.crop)
-        x = x.to(torch.float32)
-        if self.normalize:
-            scale = 1.0 / self.rescale if self.rescale is not None else 1.0
-            mean, std = torch.tensor(self.mean) * scale, torch.tensor(self.std) * scale
-            return tvF.normalize(x, mean.tolist(), std.tolist())
-        return x * self.rescale if self.rescale is not None else x
+            x = tvF.resize(x, list(value), interpolation=mode, antialias=True)
+        return self._center_crop(x, *self.crop) if self.crop is not None else x
 
     @staticmethod
     def _center_crop(x: Tensor, ch: int, cw: int) -> Tensor:

@@ -619,3 +619,33 @@ def test_transformerlens_vit_bridge_cross_check(tmp_path):
         assert "start_at_layer is not supported for vision models" in on_bridge
     else:
         assert (on_bridge - ours).abs().max() <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- the command line
+def test_cli_explains_and_sweeps_with_a_hugging_face_folder(tmp_path, capsys):
+    """`--model FOLDER`: a save_pretrained folder is read offline with its processor; the outputs name the
+    model's own classes (its config's id2label), and a checkpoint beside a folder is a usage error."""
+    import json
+
+    from caap.cli import main
+
+    model = P.build("vit")
+    model.config.id2label = {i: f"kind {i}" for i in range(10)}
+    model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+    folder = tmp_path / "vit"
+    model.save_pretrained(folder)
+    _processor("vit").save_pretrained(folder)
+    photo().save(tmp_path / "photo.png")
+    code = main(["explain", str(tmp_path / "photo.png"), "--model", str(folder), "--layers", "0:1", "--context", "grey",
+                 "--target", "3", "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / "photo_caap.json").read_text())
+    assert summary["target"] == {"class": 3, "name": "kind 3"}
+    assert np.load(tmp_path / "out" / "photo_caap.npy").shape == (4, 4)
+    assert all(c["name"].startswith("kind ") for c in summary["top_classes"])
+    code = main(["sweep", str(tmp_path / "photo.png"), "--model", str(folder), "--context", "grey",
+                 "--out", str(tmp_path / "sweep")])
+    assert code == 0, capsys.readouterr().err
+    assert np.load(tmp_path / "sweep" / "photo_sweep_resid_pre.npy").shape == (2, 4, 4)
+    code = main(["explain", "--model", str(folder), "--checkpoint", str(tmp_path / "photo.png"), "--out", str(tmp_path)])
+    assert code == 2 and "holds its own weights" in capsys.readouterr().err
