@@ -19,9 +19,9 @@ import statistics
 import warnings
 
 import torch
-from speed_forward import time_interleaved
 
 from hooked_vit import HookedViT
+from speed_forward import time_interleaved
 
 
 def cpu_description() -> str:

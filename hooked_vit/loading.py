@@ -168,6 +168,10 @@ def _act_name(act: nn.Module) -> str | None:
     return table.get(type(act))
 
 
+_PLAIN_VITS = ("HookedViT converts plain ViTs (ViT, DeiT, DeiT-III, CLIP, DINOv2, registers, SigLIP; SwiGLU MLPs, "
+               "attention pooling)")
+
+
 def check_supported(model: nn.Module) -> None:
     """Raise `UnsupportedTimmFeature` naming every feature of `model` that HookedViT cannot convert."""
     from timm.models.vision_transformer import VisionTransformer
@@ -175,14 +179,12 @@ def check_supported(model: nn.Module) -> None:
     if not isinstance(model, VisionTransformer) and getattr(model, "rope", None) is not None:
         raise UnsupportedFeature(
             f"{type(model).__name__} uses rotary position embeddings (timm's RoPE ViTs: vit_*_rope_*, EVA-02), "
-            f"which HookedViT does not convert: it has absolute position embeddings only; it converts plain "
-            f"ViTs (ViT, DeiT, DeiT-III, CLIP, DINOv2, registers)"
+            f"which HookedViT does not convert: it has absolute position embeddings only; {_PLAIN_VITS}"
         )
     if not isinstance(model, VisionTransformer):
         raise UnsupportedTimmFeature(
-            f"{type(model).__name__} is not a timm VisionTransformer (or a subclass such as DeiT's); "
-            f"HookedViT converts plain ViTs (ViT, DeiT, DeiT-III, CLIP, DINOv2, registers, SigLIP; SwiGLU MLPs, attention pooling), not Swin, "
-            f"ConvNeXt, hybrid or other architectures"
+            f"{type(model).__name__} is not a timm VisionTransformer (or a subclass such as DeiT's); {_PLAIN_VITS}, "
+            f"not Swin, ConvNeXt, hybrid or other architectures"
         )
     found = [name for name, test in _unsupported_table() if _safe(test, model)]
     if getattr(model, "global_pool", "token") == "":
