@@ -126,8 +126,8 @@ def _unsupported_table() -> list[tuple[str, Callable[[nn.Module], bool]]]:
 
     return [
         ("attention pooling by rotated queries (global_pool='prr')", lambda m: getattr(m, "global_pool", "") == "prr"),
-        ("an attention-pooling head ('map') with several latents, its own position embedding, qk-norm, no query "
-         "projection or an MLP unlike the blocks'", _map_problems),
+        (("an attention-pooling head ('map') with several latents, its own position embedding, qk-norm, no query "
+          "projection or an MLP unlike the blocks'"), _map_problems),
         ("a block type other than timm's pre-norm `Block` (ResPostBlock, parallel blocks)", _any_block(block_type)),
         ("an attention layer other than timm's `Attention` (e.g. differential attention, RoPE)",
          _any_block(lambda b: type(b.attn) is not Attention)),
