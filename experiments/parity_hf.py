@@ -9,8 +9,11 @@ parameter shows), converted; then the max |difference| between the HookedViT's o
 (`hooked_vit.hf.hf_reference_output`: logits, or the features a headless model returns) on two images:
 on the fast path (no hooks), on the explicit path (`run_with_cache`, every hook attached), of every
 block's output (forward hooks on the source's layers), and at two other image sizes (24x40 and 48x48)
-with the position embeddings interpolated as the source does. The tests
-(tests/test_hooked_vit_hf.py) build their models here and require every figure <= 1e-5.
+with the position embeddings interpolated as the source does. Then, for each family's image processor
+with the settings its published checkpoints use (`PROCESSOR_CASES`), the max |difference| between
+`preprocess` and the processor's own output on a real photo (the first of ../shared/data where present, else
+scikit-image's `chelsea`) and on a synthetic 75x130 image. The tests (tests/test_hooked_vit_hf.py) build
+their models and processors here and require every figure <= 1e-5.
 """
 
 from __future__ import annotations
@@ -64,6 +67,64 @@ _COMPOSITE = {"CLIPModel": ("CLIPConfig", "CLIPTextConfig"), "CLIPForImageClassi
               "SiglipModel": ("SiglipConfig", "SiglipTextConfig"),
               "SiglipForImageClassification": ("SiglipConfig", "SiglipTextConfig")}
 _TOP_LEVEL = ("num_labels", "projection_dim")
+
+
+IMAGENET = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+PROCESSOR_CASES: dict[str, tuple[str, dict[str, Any], int]] = {
+    "vit (224x224 bilinear, mean = std = 0.5)": ("ViTImageProcessor", {}, 224),
+    "deit (256x256, crop 224, bicubic)": ("DeiTImageProcessor", dict(IMAGENET), 224),
+    "dinov2 (shortest edge 256, crop 224)": ("BitImageProcessor", dict(size={"shortest_edge": 256}, **IMAGENET), 224),
+    "clip (shortest edge 224, crop 224)": ("CLIPImageProcessor", {}, 224),
+    "siglip (224x224 bicubic)": ("SiglipImageProcessor", {}, 224),
+    "siglip (384x384 bicubic)": ("SiglipImageProcessor", dict(size={"height": 384, "width": 384}), 384),
+}
+"""Each family's image processor with its published checkpoints' settings: (class, options, output size)."""
+
+
+def photo() -> Any:
+    """A real photo: the first dev photo of ../shared/data where present, else scikit-image's `chelsea`."""
+    from PIL import Image
+
+    from caap import data as caap_data
+
+    data = caap_data.shared_data_dir()
+    if data is not None:
+        with Image.open(caap_data.load_manifest(data, split="dev")[0].path) as im:
+            return im.convert("RGB")
+    import skimage.data
+
+    return Image.fromarray(skimage.data.chelsea())
+
+
+def synthetic() -> Any:
+    """A non-square synthetic image with sharp edges and gradients (resampling differences show)."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:75, 0:130]
+    rgb = np.stack([(x * 2) % 256, (y * 3) % 256, ((x // 8 + y // 8) % 2) * 255], -1).astype(np.uint8)
+    return Image.fromarray(rgb)
+
+
+def preprocessing_parity(case: str) -> float:
+    """Max |`hooked_vit.preprocess` - the processor's output| over `photo()` and `synthetic()`."""
+    import transformers
+
+    from hooked_vit import HookedViTConfig
+    from hooked_vit.preprocess import data_config_from_processor, preprocess
+
+    name, options, size = PROCESSOR_CASES[case]
+    processor = getattr(transformers, name)(**options)
+    cfg = HookedViTConfig(n_layers=1, d_model=8, n_heads=1, d_head=8, d_mlp=8, img_size=size, patch_size=16)
+    data_config = data_config_from_processor(processor, cfg, {})
+    worst = 0.0
+    for image in (photo(), synthetic()):
+        expected = processor(images=image, return_tensors="pt")["pixel_values"]
+        ours = preprocess(image, data_config)
+        if ours.shape != expected.shape:
+            raise AssertionError(f"{case}: {tuple(ours.shape)} != the processor's {tuple(expected.shape)}")
+        worst = max(worst, (ours - expected).abs().max().item())
+    return worst
 
 
 def scramble_hf(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -161,14 +222,20 @@ def parity(case: str, batch: int = 2) -> dict[str, float]:
             "blocks": blocks, "other_sizes": other, "scale": ref.abs().max().item(), "shape": tuple(ref.shape)}
 
 
+def _shared() -> bool:
+    from caap import data as caap_data
+
+    return caap_data.shared_data_dir() is not None
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     args = p.parse_args(argv)
     import transformers
 
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}; fp32, CPU; max |HookedViT - source|")
-    print("| case | class | output | fast path | every hook | block outputs | 24x40, 48x48 | max |output| |")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}; fp32, CPU; max abs difference HookedViT - source")
+    print("| case | class | output | fast path | every hook | block outputs | 24x40, 48x48 | max abs output |")
     print("|---|---|---|---|---|---|---|---|")
     worst = 0.0
     for case in args.cases:
@@ -177,6 +244,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {case} | {CASES[case][0]} | {list(r['shape'])} | {r['fast']:.1e} | {r['explicit']:.1e} | "
               f"{r['blocks']:.1e} | {r['other_sizes']:.1e} | {r['scale']:.2f} |")
     print(f"worst: {worst:.1e}")
+    print()
+    print(f"preprocessing: max abs difference HookedViT.preprocess - the image processor output, on a real photo "
+          f"({'../shared/data' if _shared() else 'scikit-image chelsea'}) and a synthetic 75x130 image")
+    print("| processor | max abs difference |")
+    print("|---|---|")
+    for case in PROCESSOR_CASES:
+        print(f"| {case} | {preprocessing_parity(case):.1e} |")
 
 
 if __name__ == "__main__":

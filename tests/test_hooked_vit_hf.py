@@ -20,13 +20,11 @@ import pytest
 import torch
 import transformers
 from conftest import scramble
-from PIL import Image
 
-from caap import data as caap_data
 from caap.attribution.caap import CAAP
 from caap.patching import path_patch, sweep
 from caap.patching.scores import logit_score
-from hooked_vit import HookedViT, HookedViTConfig, UnsupportedFeature, UnsupportedTimmFeature
+from hooked_vit import HookedViT, UnsupportedFeature, UnsupportedTimmFeature
 from hooked_vit.hf import HF_CLASSES, hf_reference_output
 from hooked_vit.loading import ConversionMismatch
 
@@ -118,24 +116,7 @@ def _processor(case: str):
     return PROCESSORS[family.removesuffix("_registers")]()
 
 
-def photo() -> Image.Image:
-    """A real photo: the first of ../shared/data where present, else scikit-image's bundled `chelsea`."""
-    data = caap_data.shared_data_dir()
-    if data is not None:
-        from caap.data import load_manifest
-
-        with Image.open(load_manifest(data, split="dev")[0].path) as im:
-            return im.convert("RGB")
-    import skimage.data
-
-    return Image.fromarray(skimage.data.chelsea())
-
-
-def synthetic() -> Image.Image:
-    """A non-square synthetic image with sharp edges and gradients (resampling differences show)."""
-    y, x = np.mgrid[0:75, 0:130]
-    rgb = np.stack([(x * 2) % 256, (y * 3) % 256, ((x // 8 + y // 8) % 2) * 255], -1).astype(np.uint8)
-    return Image.fromarray(rgb)
+photo, synthetic = P.photo, P.synthetic
 
 
 @pytest.mark.parametrize("case", ["vit", "deit_teacher", "dinov2_swiglu", "dinov2_registers", "clip_projection",
@@ -157,28 +138,10 @@ def test_save_pretrained_folder_loads_offline(case, tmp_path, monkeypatch):
         assert (hooked.preprocess(image) - expected).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("name, kwargs, img_size", [
-    ("ViTImageProcessor", {}, 224),  # google/vit-*: 224x224, bilinear, mean = std = 0.5
-    ("DeiTImageProcessor", dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]), 224),  # 256 -> crop 224
-    ("BitImageProcessor", dict(size={"shortest_edge": 256}, image_mean=[0.485, 0.456, 0.406],
-                               image_std=[0.229, 0.224, 0.225]), 224),  # facebook/dinov2-*
-    ("CLIPImageProcessor", {}, 224),  # shortest edge 224, crop 224, bicubic
-    ("SiglipImageProcessor", {}, 224),  # 224x224 bicubic
-    ("SiglipImageProcessor", dict(size={"height": 384, "width": 384}), 384),
-])
-def test_preprocess_equals_the_processors_own_output(name, kwargs, img_size):
-    """The hub's processor settings for each family, on a real photo and a synthetic image."""
-    from hooked_vit.preprocess import data_config_from_processor, preprocess
-
-    processor = getattr(transformers, name)(**kwargs)
-    cfg = HookedViTConfig(n_layers=1, d_model=8, n_heads=1, d_head=8, d_mlp=8, img_size=img_size, patch_size=16)
-    data_config = data_config_from_processor(processor, cfg, {})
-    for image in (photo(), synthetic()):
-        expected = processor(images=image, return_tensors="pt")["pixel_values"]
-        ours = preprocess(image, data_config)
-        assert ours.shape == expected.shape == (1, 3, img_size, img_size)
-        assert (ours - expected).abs().max() <= 1e-5
-    assert data_config["mean"] == pytest.approx(tuple(processor.image_mean))
+@pytest.mark.parametrize("case", list(P.PROCESSOR_CASES))
+def test_preprocess_equals_the_processors_own_output(case):
+    """Each family's processor with its published checkpoints' settings, on a real photo and a synthetic image."""
+    assert P.preprocessing_parity(case) <= 1e-5
 
 
 def test_model_object_without_processor_warns_and_resizes_to_its_size():
@@ -225,6 +188,14 @@ def test_folder_refusals_come_before_the_weights_are_read(tmp_path, monkeypatch)
         HookedViT.from_hf(tmp_path / "missing")
     with pytest.raises(ValueError, match="no config.json"):
         HookedViT.from_hf(tmp_path)
+
+
+def test_config_options_the_conversion_does_not_handle_are_refused():
+    odd = transformers.ViTModel(transformers.ViTConfig(**{**P.SMALL, "image_size": 30}))
+    with pytest.raises(UnsupportedFeature, match=r"image_size 30 not divisible by patch_size 8"):
+        HookedViT.from_hf(odd)
+    with pytest.raises(TypeError, match="expected a transformers model or a folder"):
+        HookedViT.from_hf(42)
 
 
 def test_a_processor_for_another_image_size_is_refused():
