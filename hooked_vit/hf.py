@@ -28,7 +28,7 @@ import os
 import re
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -273,8 +273,9 @@ def _fold_class_pos(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @dataclass(frozen=True)
 class Family:
     """One family of `transformers` vision towers: how its config reads, how its parameters are named,
-    which of its parameters no output of the converted classes uses, and whether it interpolates its
-    position embeddings by default (DINOv2 always does)."""
+    which of its parameters no output of the converted classes uses, whether it interpolates its position
+    embeddings by default (DINOv2 always does), a last fix-up of the converted state dict, and whether its
+    forward takes `interpolate_pos_encoding`."""
 
     config: Callable[[Any, HFClass], dict[str, Any]]
     renames: list[Rename]
@@ -282,7 +283,6 @@ class Family:
     interpolates: bool = False
     fixup: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     accepts_interpolate_flag: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 FAMILIES: dict[str, Family] = {
@@ -329,12 +329,10 @@ def check_hf_config(hf_config: Any, spec: HFClass) -> None:
         found.append(f"image_size {image} not divisible by patch_size {patch} (the source drops the border)")
     if getattr(hf_config, "quantization_config", None):
         found.append("quantised weights (quantization_config): convert the unquantised model")
-    if spec.family.startswith("dinov2") and getattr(hf_config, "use_swiglu_ffn", False) and \
-            getattr(hf_config, "hidden_act", "gelu") not in HF_ACTIVATIONS:
-        pass  # SwiGLU uses SiLU whatever hidden_act says
-    elif not isinstance(getattr(hf_config, "hidden_act", "gelu"), str) or \
-            getattr(hf_config, "hidden_act", "gelu") not in HF_ACTIVATIONS:
-        found.append(f"hidden_act={getattr(hf_config, 'hidden_act', None)!r} (supported: {', '.join(HF_ACTIVATIONS)})")
+    act = getattr(hf_config, "hidden_act", "gelu")
+    swiglu = spec.family.startswith("dinov2") and bool(getattr(hf_config, "use_swiglu_ffn", False))
+    if not swiglu and (not isinstance(act, str) or act not in HF_ACTIVATIONS):  # DINOv2's SwiGLU is SiLU whatever it says
+        found.append(f"hidden_act={act!r} (supported: {', '.join(HF_ACTIVATIONS)})")
     if found:
         raise UnsupportedFeature(
             f"{type(hf_config).__name__} uses config options HookedViT does not convert: " + "; ".join(found)
@@ -491,10 +489,14 @@ def read_folder_config(folder: str | os.PathLike) -> tuple[Any, str]:
 
 
 def _vision_config(model: nn.Module, spec: HFClass) -> Any:
+    """The vision tower's config (a copy where the projection's width is added to it)."""
+    import copy
+
     config = model.config
     if hasattr(config, "vision_config") and spec.tower:
         vision = _attr(model, spec.tower).config
         if spec.head == "projection":
+            vision = copy.copy(vision)
             vision.projection_dim = model.visual_projection.out_features
         return vision
     return config
