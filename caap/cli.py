@@ -198,13 +198,15 @@ def check_context(spec: str) -> None:
 
 def architecture(name: str, checkpoint: str | None) -> tuple[Any, dict[str, Any]]:
     """(HookedViTConfig, data config) of `--model`, read without weights; and `--checkpoint` exists."""
-    from caap.models import model_config
+    from caap.models import is_hf_folder, model_config
 
+    if checkpoint is not None and is_hf_folder(name):
+        raise CLIError(f"--checkpoint is for timm model names; the Hugging Face folder {name} holds its own weights")
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise CLIError(f"checkpoint file not found: {checkpoint}")
     try:
         return model_config(name)
-    except ValueError as e:  # unknown timm name, or not a ViT HookedViT converts (UnsupportedTimmFeature)
+    except ValueError as e:  # unknown timm name, or not a ViT HookedViT converts (UnsupportedFeature)
         raise CLIError(f"--model {name}: {e}") from None
 
 
@@ -215,13 +217,13 @@ def read_pixels(images: list[ImageArg], data_config: dict[str, Any]) -> list[Any
     return [preprocess(im.image, data_config) for im in images]
 
 
-def _top_classes(logits: Any, k: int = 5) -> list[dict[str, Any]]:
-    from caap.data import class_name
+def _top_classes(logits: Any, model: Any, k: int = 5) -> list[dict[str, Any]]:
+    from caap.models import class_label
 
     probs = logits.float().softmax(-1)
     top = probs.topk(k)
     return [
-        {"class": int(i), "name": class_name(int(i)), "prob": round(float(p), 5), "logit": round(float(logits[i]), 4)}
+        {"class": int(i), "name": class_label(model, int(i)), "prob": round(float(p), 5), "logit": round(float(logits[i]), 4)}
         for p, i in zip(top.values, top.indices)
     ]
 
@@ -357,7 +359,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
             "image": im.image if isinstance(im.image, str) else im.stem,
             "model": args.model,
             "target": {"class": cls, "name": class_name(cls)},
-            "top_classes": _top_classes(logits),
+            "top_classes": _top_classes(logits, model),
         }
         photo = x[0].float().cpu()
         if several:
@@ -435,6 +437,7 @@ def cmd_methods(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------- sweep
 def cmd_sweep(args: argparse.Namespace) -> None:
+    from caap.models import class_label
     (image,) = image_args([args.image] if args.image else [])
     out = output_folder(args.out)
     base = f"{image.stem}_sweep_{args.component}"
@@ -453,7 +456,6 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     import torch
 
     from caap.contexts import get_context
-    from caap.data import class_name
     from caap.files import atomic_paths
     from caap.patching import logit_score, sweep
     from caap.plots import layer_patch_figure, save_heatmap_png, save_html
@@ -472,10 +474,10 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                        positions=positions, batch_size=args.batch_size)
     seconds = time.perf_counter() - t0
     values = result.to_grid(model).values[0].float().cpu()  # [layer, grid_h, grid_w]
-    title = f"{args.component} patched from '{image.stem}' into the {context_spec} context: logit of '{class_name(cls)}'"
+    title = f"{args.component} patched from '{image.stem}' into the {context_spec} context: logit of '{class_label(model, cls)}'"
     summary = {"image": image.image if isinstance(image.image, str) else image.stem, "model": args.model,
                "component": args.component, "context": context_spec, "precision": args.precision,
-               "target": {"class": cls, "name": class_name(cls)}, "dims": ["layer", "grid_h", "grid_w"],
+               "target": {"class": cls, "name": class_label(model, cls)}, "dims": ["layer", "grid_h", "grid_w"],
                "context_score": float(result.context_score[0]), "source_score": float(result.source_score[0]),
                "seconds": round(seconds, 3)}
     out.mkdir(parents=True, exist_ok=True)

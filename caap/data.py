@@ -230,13 +230,17 @@ def box_mask(
 
 
 def geometric_transform(image: Image.Image, data_config: dict[str, Any]) -> Image.Image:
-    """Only the resize and crop steps of timm's eval transform, with nearest-neighbour resampling."""
+    """Only the resize and crop steps of the model's eval transform (timm's, or a Hugging Face image
+    processor's), with nearest-neighbour resampling."""
     from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 
     from hooked_vit.preprocess import make_transform
 
+    transform = make_transform(data_config)
+    if hasattr(transform, "geometric"):  # a Hugging Face image processor's steps (hooked_vit.preprocess)
+        return transform.geometric(image)
     out = image
-    for t in make_transform(data_config).transforms:
+    for t in transform.transforms:
         if isinstance(t, Resize):
             out = Resize(t.size, interpolation=InterpolationMode.NEAREST, max_size=t.max_size)(out)
         elif isinstance(t, CenterCrop):

@@ -348,23 +348,35 @@ class ViTActivationCache(ActivationCache):
         return list(self.model.pool_weights(n_tokens))
 
     def _readouts(self, n_tokens: int) -> list[_Readout]:
-        model = self.model
+        model, cfg = self.model, self.model.cfg
         if model.head is None:
             raise ValueError("this model has no classification head (n_classes=0): there are no logits to attribute")
+        if cfg.normalize_features:
+            raise ValueError(
+                "the model scales its features to unit length before the head (a zero-shot head): the logits are not "
+                "an affine function of the residual stream, so direct logit attribution does not apply (patch the "
+                "components instead)"
+            )
         weights = self._pool_weights(n_tokens)
-        if not model.cfg.distilled:
-            return [_Readout(1.0, weights[0], model.W_U, model.b_U, model.class_to_residual_directions)]
 
-        def head_directions(head: torch.nn.Linear) -> Callable[[Tensor], Tensor]:
+        def head_directions(weight: Tensor) -> Callable[[Tensor], Tensor]:
             def directions(classes: Tensor) -> Tensor:
-                model.class_to_residual_directions(classes)  # range check
-                return head.weight[classes.to(head.weight.device)]
+                model._check_classes(classes)
+                return weight[classes.to(weight.device)]
 
             return directions
 
+        if cfg.pooling == "token_avg":  # the head reads [class token, patch mean] side by side: one readout each
+            d = cfg.d_model
+            w_cls, w_avg = model.head.weight[:, :d], model.head.weight[:, d:]
+            return [_Readout(1.0, weights[0], w_cls.T, model.head.bias, head_directions(w_cls)),
+                    _Readout(1.0, weights[1], w_avg.T, torch.zeros_like(model.head.bias), head_directions(w_avg))]
+        if model.head_dist is None:
+            return [_Readout(1.0, weights[0], model.W_U, model.b_U, model.class_to_residual_directions)]
         return [
-            _Readout(0.5, weights[0], model.head.weight.T, model.head.bias, head_directions(model.head)),
-            _Readout(0.5, weights[1], model.head_dist.weight.T, model.head_dist.bias, head_directions(model.head_dist)),
+            _Readout(0.5, weights[0], model.head.weight.T, model.head.bias, head_directions(model.head.weight)),
+            _Readout(0.5, weights[1], model.head_dist.weight.T, model.head_dist.bias,
+                     head_directions(model.head_dist.weight)),
         ]
 
     def pool_stack(
@@ -420,12 +432,12 @@ class ViTActivationCache(ActivationCache):
                 raise ValueError("incorrect_classes needs classes")
             return total  # type: ignore[return-value]
         idx = self._classes(classes)
-        model.class_to_residual_directions(idx)  # range check
+        model._check_classes(idx.to(model.head.weight.device))  # range check
         out = total[idx.to(total.device)]
         if incorrect_classes is not None:
             bad = self._classes(incorrect_classes)
             self._check_same_shape(idx, bad)
-            model.class_to_residual_directions(bad)
+            model._check_classes(bad.to(model.head.weight.device))
             out = out - total[bad.to(total.device)]
         return out
 

@@ -1,4 +1,5 @@
-"""The building blocks of a `HookedViT`: LayerNorm, attention, MLP and the transformer block.
+"""The building blocks of a `HookedViT`: LayerNorm, attention, MLP (plain or SwiGLU-style gated), the
+transformer block, and the pieces of the heads (attention pooling, unit-length features).
 
 Every intermediate activation passes through a `transformer_lens` `HookPoint`, with its shape written
 beside it. Hook names follow TransformerLens wherever one exists.
@@ -198,14 +199,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """fc1 -> activation -> fc2 (LayerScale folded into the output, as in Attention)."""
+    """fc1 -> activation -> fc2 (LayerScale folded into the output, as in Attention). `bias` and
+    `layer_scale` default to the config's (the attention-pooling head's MLP has biases and no LayerScale)."""
 
-    def __init__(self, cfg: HookedViTConfig) -> None:
+    def __init__(self, cfg: HookedViTConfig, bias: bool | None = None, layer_scale: bool | None = None) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+        bias = cfg.mlp_bias if bias is None else bias
+        self.fc1 = nn.Linear(cfg.d_model, cfg.d_mlp, bias=bias)
         self.act = make_activation(cfg.act_fn)
-        self.fc2 = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
-        self.ls_gamma = nn.Parameter(torch.ones(cfg.d_model)) if cfg.layer_scale else None
+        self.fc2 = nn.Linear(cfg.d_mlp, cfg.d_model, bias=bias)
+        use_ls = cfg.layer_scale if layer_scale is None else layer_scale
+        self.ls_gamma = nn.Parameter(torch.ones(cfg.d_model)) if use_ls else None
         self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
         self.hook_post = HookPoint()  # [batch, pos, d_mlp]
 
@@ -215,7 +219,7 @@ class MLP(nn.Module):
 
     @property
     def b_in(self) -> Float[Tensor, " d_mlp"]:
-        return self.fc1.bias if self.fc1.bias is not None else self.fc1.weight.new_zeros(self.fc1.out_features)
+        return _bias(self.fc1)
 
     @property
     def W_out(self) -> Float[Tensor, "d_mlp d_model"]:
@@ -224,13 +228,56 @@ class MLP(nn.Module):
 
     @property
     def b_out(self) -> Float[Tensor, " d_model"]:
-        b = self.fc2.bias if self.fc2.bias is not None else self.fc2.weight.new_zeros(self.fc2.out_features)
+        b = _bias(self.fc2)
         return b * self.ls_gamma if self.ls_gamma is not None else b
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         post = self.hook_post(self.act(self.hook_pre(self.fc1(x))))
         out = self.fc2(post)
         return out * self.ls_gamma if self.ls_gamma is not None else out
+
+
+class GatedMLP(MLP):
+    """SwiGLU-style MLP: fc2(act(fc1_g(x)) * fc1_x(x)), LayerScale folded into the output. Hooks as in
+    TransformerLens' gated MLP: `hook_pre` is the gate's pre-activation fc1_g(x), `hook_pre_linear` the
+    other branch fc1_x(x), `hook_post` their product after the activation."""
+
+    def __init__(self, cfg: HookedViTConfig) -> None:
+        nn.Module.__init__(self)
+        self.fc1_g = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+        self.fc1_x = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+        self.act = make_activation(cfg.act_fn)
+        self.fc2 = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
+        self.ls_gamma = nn.Parameter(torch.ones(cfg.d_model)) if cfg.layer_scale else None
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_pre_linear = HookPoint()  # [batch, pos, d_mlp]
+        self.hook_post = HookPoint()  # [batch, pos, d_mlp]
+
+    @property
+    def W_gate(self) -> Float[Tensor, "d_model d_mlp"]:
+        return self.fc1_g.weight.T
+
+    @property
+    def b_gate(self) -> Float[Tensor, " d_mlp"]:
+        return _bias(self.fc1_g)
+
+    @property
+    def W_in(self) -> Float[Tensor, "d_model d_mlp"]:
+        return self.fc1_x.weight.T
+
+    @property
+    def b_in(self) -> Float[Tensor, " d_mlp"]:
+        return _bias(self.fc1_x)
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        gate = self.act(self.hook_pre(self.fc1_g(x)))
+        post = self.hook_post(gate * self.hook_pre_linear(self.fc1_x(x)))
+        out = self.fc2(post)
+        return out * self.ls_gamma if self.ls_gamma is not None else out
+
+
+def _bias(linear: nn.Linear) -> Tensor:
+    return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
 
 
 class TransformerBlock(nn.Module):
@@ -242,7 +289,7 @@ class TransformerBlock(nn.Module):
         self.ln1 = LayerNorm(cfg.d_model, cfg.eps)
         self.attn = Attention(cfg)
         self.ln2 = LayerNorm(cfg.d_model, cfg.eps)
-        self.mlp = MLP(cfg)
+        self.mlp = GatedMLP(cfg) if cfg.gated_mlp else MLP(cfg)
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
         self.hook_attn_out = HookPoint()  # [batch, pos, d_model] (after LayerScale)
         self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
@@ -269,3 +316,56 @@ class TransformerBlock(nn.Module):
     def tokens_only_hooks(self) -> list[HookPoint]:
         """The hook points `forward_tokens` fires, with the same shapes as `forward`."""
         return [self.hook_resid_pre, self.ln1.hook_scale, self.ln1.hook_normalized, self.attn.hook_k, self.attn.hook_v]
+
+
+class AttentionPool(nn.Module):
+    """Multi-head attention pooling ("MAP" head): one learned query, the probe, attends over the tokens;
+    the result r becomes r + mlp(ln(r)), one vector per image. SigLIP's vision head and timm's
+    `global_pool='map'`. Hooks as in a block, with one query position (the probe)."""
+
+    def __init__(self, cfg: HookedViTConfig) -> None:
+        super().__init__()
+        d, self.n_heads, self.d_head = cfg.d_model, cfg.n_heads, cfg.d_head
+        self.probe = nn.Parameter(torch.zeros(1, 1, d))
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln = LayerNorm(d, cfg.eps)
+        self.mlp = MLP(cfg, bias=True, layer_scale=False)
+        self.hook_q = HookPoint()  # [batch, 1, head, d_head]
+        self.hook_k = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_v = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_attn_scores = HookPoint()  # [batch, head, 1, k_pos]
+        self.hook_pattern = HookPoint()  # [batch, head, 1, k_pos]
+        self.hook_z = HookPoint()  # [batch, 1, head, d_head]
+        self.hook_attn_out = HookPoint()  # [batch, 1, d_model]
+        self.hook_mlp_out = HookPoint()  # [batch, 1, d_model]
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch d_model"]:
+        b, n, _ = x.shape
+        h, dh = self.n_heads, self.d_head
+        q = self.hook_q(self.q(self.probe.expand(b, -1, -1)).view(b, 1, h, dh))
+        k, v = self.kv(x).view(b, n, 2, h, dh).unbind(2)
+        k, v = self.hook_k(k), self.hook_v(v)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch, head, pos, d_head]
+        if _hooked(self.hook_attn_scores) or _hooked(self.hook_pattern):
+            scores = self.hook_attn_scores((q * dh**-0.5) @ k.transpose(-2, -1))
+            z = self.hook_pattern(scores.softmax(dim=-1)) @ v
+        else:
+            z = F.scaled_dot_product_attention(q, k, v)
+        z = self.hook_z(z.transpose(1, 2))  # [batch, 1, head, d_head]
+        r = self.hook_attn_out(self.proj(z.reshape(b, 1, h * dh)))
+        return (r + self.hook_mlp_out(self.mlp(self.ln(r))))[:, 0]
+
+
+class FeatureNorm(nn.Module):
+    """Scale each feature vector to unit length (CLIP's and SigLIP's image embeddings before their cosine
+    similarity with text embeddings), with LayerNorm's hook names: `hook_scale` is the length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hook_scale = HookPoint()  # [batch, 1]
+        self.hook_normalized = HookPoint()  # [batch, d_features]
+
+    def forward(self, x: Float[Tensor, "batch d"]) -> Float[Tensor, "batch d"]:
+        return self.hook_normalized(x / self.hook_scale(x.norm(dim=-1, keepdim=True)))

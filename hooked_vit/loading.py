@@ -1,7 +1,7 @@
 """timm -> HookedViT conversion, table-driven.
 
 Three tables do the work:
-- `UNSUPPORTED`: timm features this package does not convert; each one found raises an error that
+- `_unsupported_table`: timm features this package does not convert; each one found raises an error that
   names it (better than a silently different model).
 - `config_from_timm`: reads the architecture off the timm modules into a `HookedViTConfig`.
 - `STATE_DICT_RENAMES`: timm parameter names -> HookedViT parameter names (most are the same; the
@@ -19,8 +19,47 @@ import torch
 import torch.nn as nn
 
 
-class UnsupportedTimmFeature(ValueError):
-    """The timm model uses a feature HookedViT does not convert."""
+class UnsupportedFeature(ValueError):
+    """The source model (timm or Hugging Face `transformers`) uses an architecture, a feature or a config
+    option that HookedViT does not convert; the message names it and what is supported."""
+
+
+UnsupportedTimmFeature = UnsupportedFeature
+"""The name this error had when only timm models converted (kept for existing code)."""
+
+
+class ConversionMismatch(RuntimeError):
+    """The converted model does not compute what its source computes on the check input (refused
+    rather than returned: a silently different model is worse than none)."""
+
+
+def check_against_source(
+    model: nn.Module, reference: Callable[[torch.Tensor], torch.Tensor], source: str, seed: int = 0,
+) -> float:
+    """Run `model` and `reference` (the source model's forward) on one image of Gaussian pixels at the
+    model's native size, on the model's device and in its dtype, and raise `ConversionMismatch` unless
+    the outputs agree: max |difference| <= 1e-4 x max(1, max |reference|) in fp32 or fp64, 1e-2 x in
+    half precision (the check catches a wrong structure, whose errors are of the order of the outputs,
+    not float rounding). Returns the max |difference|."""
+    param = next(model.parameters())
+    cfg = model.cfg
+    x = torch.randn(1, cfg.in_chans, *cfg.img_size, generator=torch.Generator().manual_seed(seed))
+    x = x.to(device=param.device, dtype=param.dtype)
+    with torch.inference_mode():
+        ref, out = reference(x), model(x)
+    if out.shape != ref.shape:
+        raise ConversionMismatch(
+            f"the converted model returns {tuple(out.shape)}, {source} returns {tuple(ref.shape)} on the check input"
+        )
+    diff = (out.float() - ref.float()).abs().max().item()
+    rel = 1e-4 if param.dtype in (torch.float32, torch.float64) else 1e-2
+    tol = rel * max(1.0, ref.float().abs().max().item())
+    if not diff <= tol:  # NaN fails too
+        raise ConversionMismatch(
+            f"the converted model differs from {source} on the check input by up to {diff:.3g} (tolerance {tol:.3g}): "
+            f"refusing a silently different model; please report the model's config"
+        )
+    return diff
 
 
 def _blocks(m: nn.Module) -> list[nn.Module]:
@@ -35,8 +74,50 @@ def _not_identity(mod: Any) -> bool:
     return mod is not None and not isinstance(mod, nn.Identity)
 
 
+def _mlp_kind(mlp: nn.Module) -> str | None:
+    """"plain" (timm's `Mlp`), "swiglu" (`SwiGLU`: fc1_g, fc1_x), "glu" (`GluMlp` / `SwiGLUPacked`: one fc1
+    whose halves are the two branches), or None for another MLP."""
+    from timm.layers import GluMlp, Mlp, SwiGLU
+
+    if type(mlp) is Mlp:
+        return "plain"
+    if type(mlp) is SwiGLU:
+        return "swiglu"
+    if type(mlp) is GluMlp and isinstance(mlp.fc1, nn.Linear):
+        return "glu"
+    return None
+
+
+def _mlp_act(mlp: nn.Module) -> nn.Module:
+    return mlp.act
+
+
+def _d_mlp(mlp: nn.Module) -> int:
+    """The width of the MLP's activation (of each branch for a gated MLP)."""
+    kind = _mlp_kind(mlp)
+    if kind == "swiglu":
+        return mlp.fc1_g.out_features
+    return mlp.fc1.out_features // 2 if kind == "glu" else mlp.fc1.out_features
+
+
+def _map_problems(m: nn.Module) -> bool:
+    """Whether timm's attention-pooling head has options HookedViT's `AttentionPool` lacks (several latent
+    queries, its own position embedding, qk-norm, no query projection, no MLP, another pooling of the
+    latents, missing biases, an MLP of another width than the blocks')."""
+    pool = getattr(m, "attn_pool", None)
+    if pool is None:
+        return False
+    from timm.layers import AttentionPoolLatent
+
+    return (type(pool) is not AttentionPoolLatent or pool.latent_len != 1 or pool.pos_embed is not None
+            or _not_identity(pool.q_norm) or not isinstance(pool.q, nn.Linear) or pool.mlp is None
+            or pool.pool != "token" or pool.q.bias is None or pool.kv.bias is None
+            or pool.mlp.fc1.out_features != _d_mlp(m.blocks[0].mlp) or _act_name(pool.mlp.act) != _act_name(
+                _mlp_act(m.blocks[0].mlp)))
+
+
 def _unsupported_table() -> list[tuple[str, Callable[[nn.Module], bool]]]:
-    from timm.layers import Attention, LayerNorm, Mlp, PatchDropout
+    from timm.layers import Attention, LayerNorm, PatchDropout
     from timm.layers.patch_embed import PatchEmbed
     from timm.models.vision_transformer import Block
 
@@ -44,17 +125,20 @@ def _unsupported_table() -> list[tuple[str, Callable[[nn.Module], bool]]]:
         return type(b) is not Block
 
     return [
-        ("attention pooling head (global_pool='map' or 'prr')", lambda m: getattr(m, "attn_pool", None) is not None),
+        ("attention pooling by rotated queries (global_pool='prr')", lambda m: getattr(m, "global_pool", "") == "prr"),
+        (("an attention-pooling head ('map') with several latents, its own position embedding, qk-norm, no query "
+          "projection or an MLP unlike the blocks'"), _map_problems),
         ("a block type other than timm's pre-norm `Block` (ResPostBlock, parallel blocks)", _any_block(block_type)),
         ("an attention layer other than timm's `Attention` (e.g. differential attention, RoPE)",
          _any_block(lambda b: type(b.attn) is not Attention)),
         ("gated attention (`gated=True`)", _any_block(lambda b: getattr(b.attn, "gate", None) is not None)),
         ("a norm inside attention (`scale_attn_norm=True`)", _any_block(lambda b: _not_identity(getattr(b.attn, "norm", None)))),
-        ("an MLP other than timm's `Mlp` (SwiGLU / GLU)", _any_block(lambda b: type(b.mlp) is not Mlp)),
+        ("an MLP other than timm's `Mlp`, `SwiGLU` or `GluMlp` / `SwiGLUPacked`", _any_block(lambda b: _mlp_kind(b.mlp) is None)),
         ("a norm inside the MLP (`scale_mlp_norm=True`)", _any_block(lambda b: _not_identity(getattr(b.mlp, "norm", None)))),
         ("a norm layer other than LayerNorm (e.g. RmsNorm)", lambda m: any(
             not isinstance(mod, (LayerNorm, nn.LayerNorm)) for b in _blocks(m) for mod in (b.norm1, b.norm2))),
-        ("an activation other than GELU, GELU-tanh, QuickGELU, ReLU or SiLU", _any_block(lambda b: _act_name(b.mlp.act) is None)),
+        ("an activation other than GELU, GELU-tanh, QuickGELU, ReLU or SiLU",
+         _any_block(lambda b: _act_name(_mlp_act(b.mlp)) is None)),
         ("attention head dimension times heads different from embed_dim projections (`attn_head_dim` / `dim_out`)",
          _any_block(lambda b: b.attn.proj.out_features != b.attn.qkv.in_features)),
         ("a patch embedding other than timm's `PatchEmbed` (e.g. hybrid CNN stem)",
@@ -84,15 +168,23 @@ def _act_name(act: nn.Module) -> str | None:
     return table.get(type(act))
 
 
+_PLAIN_VITS = ("HookedViT converts plain ViTs (ViT, DeiT, DeiT-III, CLIP, DINOv2, registers, SigLIP; SwiGLU MLPs, "
+               "attention pooling)")
+
+
 def check_supported(model: nn.Module) -> None:
     """Raise `UnsupportedTimmFeature` naming every feature of `model` that HookedViT cannot convert."""
     from timm.models.vision_transformer import VisionTransformer
 
+    if not isinstance(model, VisionTransformer) and getattr(model, "rope", None) is not None:
+        raise UnsupportedFeature(
+            f"{type(model).__name__} uses rotary position embeddings (timm's RoPE ViTs: vit_*_rope_*, EVA-02), "
+            f"which HookedViT does not convert: it has absolute position embeddings only; {_PLAIN_VITS}"
+        )
     if not isinstance(model, VisionTransformer):
         raise UnsupportedTimmFeature(
-            f"{type(model).__name__} is not a timm VisionTransformer (or a subclass such as DeiT's); "
-            f"HookedViT converts plain ViTs (ViT, DeiT, DeiT-III, CLIP, DINOv2, registers), not Swin, "
-            f"ConvNeXt, hybrid or other architectures"
+            f"{type(model).__name__} is not a timm VisionTransformer (or a subclass such as DeiT's); {_PLAIN_VITS}, "
+            f"not Swin, ConvNeXt, hybrid or other architectures"
         )
     found = [name for name, test in _unsupported_table() if _safe(test, model)]
     if getattr(model, "global_pool", "token") == "":
@@ -120,13 +212,16 @@ def config_from_timm(model: nn.Module):
     pe = model.patch_embed
     distilled = getattr(model, "dist_token", None) is not None
     q_norm = attn.q_norm
+    mlp_kind = _mlp_kind(blk.mlp)
+    fc_in = blk.mlp.fc1_g if mlp_kind == "swiglu" else blk.mlp.fc1
     return HookedViTConfig(
         n_layers=len(model.blocks),
         d_model=model.embed_dim,
         n_heads=attn.num_heads,
         d_head=attn.head_dim,
-        d_mlp=blk.mlp.fc1.out_features,
+        d_mlp=_d_mlp(blk.mlp),
         act_fn=_act_name(blk.mlp.act),  # type: ignore[arg-type]
+        gated_mlp=mlp_kind != "plain",
         eps=blk.norm1.eps,
         img_size=tuple(pe.img_size),
         patch_size=tuple(pe.patch_size),
@@ -141,12 +236,12 @@ def config_from_timm(model: nn.Module):
         pre_norm=_not_identity(model.norm_pre),
         qkv_bias=attn.qkv.bias is not None,
         proj_bias=attn.proj.bias is not None,
-        mlp_bias=blk.mlp.fc1.bias is not None,
+        mlp_bias=fc_in.bias is not None,
         qk_norm=_not_identity(q_norm),
         qk_norm_eps=q_norm.eps if _not_identity(q_norm) else 1e-6,
         layer_scale=_not_identity(blk.ls1),
         final_norm=_not_identity(model.norm) or _not_identity(model.fc_norm),
-        pooling=model.global_pool,
+        pooling=model.global_pool,  # 'map': attention pooling (timm's AttentionPoolLatent)
         pool_include_prefix=bool(getattr(model, "pool_include_prefix", False)),
         fc_norm=_not_identity(model.fc_norm),
         n_classes=model.num_classes,
@@ -165,12 +260,20 @@ STATE_DICT_RENAMES: list[tuple[str, str]] = [
     (r"^norm\.bias$", "ln_final.b"),
     (r"^fc_norm\.weight$", "fc_norm.w"),
     (r"^fc_norm\.bias$", "fc_norm.b"),
+    (r"^attn_pool\.latent$", "attn_pool.probe"),
+    (r"^attn_pool\.norm\.weight$", "attn_pool.ln.w"),
+    (r"^attn_pool\.norm\.bias$", "attn_pool.ln.b"),
     # everything else keeps its timm name: patch_embed.proj, cls_token, reg_token, dist_token,
-    # pos_embed, blocks.{l}.attn.qkv / q_norm / k_norm / proj, blocks.{l}.mlp.fc1 / fc2, head, head_dist
+    # pos_embed, blocks.{l}.attn.qkv / q_norm / k_norm / proj, blocks.{l}.mlp.fc1 / fc2 (SwiGLU: fc1_g / fc1_x),
+    # attn_pool.q / kv / proj / mlp, head, head_dist
 ]
 
 
-def convert_timm_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def convert_timm_state_dict(state_dict: dict[str, torch.Tensor], glu_gate_last: bool | None = None
+                            ) -> dict[str, torch.Tensor]:
+    """timm parameter names -> HookedViT's (`STATE_DICT_RENAMES`). `glu_gate_last`: for a `GluMlp` /
+    `SwiGLUPacked` model, whether the gate is the second half of `fc1` (GluMlp's default) or the first
+    (SwiGLUPacked); its fc1 is split into the gate `fc1_g` and the other branch `fc1_x`."""
     out = {}
     for key, value in state_dict.items():
         new = key
@@ -178,7 +281,13 @@ def convert_timm_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, to
             if re.search(pattern, key):
                 new = re.sub(pattern, repl, key)
                 break
-        out[new] = value
+        glu = glu_gate_last is not None and re.match(r"^blocks\.\d+\.mlp\.fc1\.(weight|bias)$", key)
+        if glu:
+            first, second = value.chunk(2, dim=0)
+            gate, other = (second, first) if glu_gate_last else (first, second)
+            out[new.replace(".fc1.", ".fc1_g.")], out[new.replace(".fc1.", ".fc1_x.")] = gate, other
+        else:
+            out[new] = value
     return out
 
 
@@ -393,7 +502,9 @@ def hooked_vit_from_timm(
     timm_model = resolve_timm_model(name_or_model, checkpoint_path, pretrained, **timm_kwargs)
     cfg = config_from_timm(timm_model)
     model = cls(cfg, data_config=resolve_data_config({}, model=timm_model))
-    state = convert_timm_state_dict({k: v.detach() for k, v in timm_model.state_dict().items()})
+    mlp = timm_model.blocks[0].mlp
+    glu = bool(mlp.gate_last) if _mlp_kind(mlp) == "glu" else None
+    state = convert_timm_state_dict({k: v.detach() for k, v in timm_model.state_dict().items()}, glu_gate_last=glu)
     model.load_state_dict(state, strict=True)
     model.eval()
     model.timm_name = getattr(timm_model, "pretrained_cfg", {}).get("architecture") if isinstance(

@@ -18,12 +18,24 @@ Hook points, in the order a forward pass meets them (shapes at batch b, T tokens
     blocks.{l}.hook_resid_mid      [batch, pos, d_model]
     blocks.{l}.ln2.hook_scale/_normalized
     blocks.{l}.mlp.hook_pre/_post  [batch, pos, d_mlp]
+    blocks.{l}.mlp.hook_pre_linear [batch, pos, d_mlp]          (gated MLP: the branch fc1_x)
     blocks.{l}.hook_mlp_out        [batch, pos, d_model]        (after LayerScale)
     blocks.{l}.hook_resid_post     [batch, pos, d_model]
     ln_final.hook_scale/_normalized  [batch, pos, 1] / [batch, pos, d_model]  (not with fc_norm)
+    attn_pool.hook_q               [batch, 1, head, d_head]     (attention pooling, 'map': the probe)
+    attn_pool.hook_k/_v            [batch, pos, head, d_head]
+    attn_pool.hook_attn_scores/_pattern  [batch, head, 1, k_pos]
+    attn_pool.hook_z               [batch, 1, head, d_head]
+    attn_pool.hook_attn_out        [batch, 1, d_model]
+    attn_pool.ln.hook_scale/_normalized  [batch, 1, 1] / [batch, 1, d_model]
+    attn_pool.mlp.hook_pre/_post   [batch, 1, d_mlp]
+    attn_pool.hook_mlp_out         [batch, 1, d_model]
     hook_pooled                    [batch, d_model]; [batch, 2, d_model] for DeiT distilled
-                                   (class, distillation token): the pooled representation
+                                   (class, distillation token) and 'token_avg' (class token, patch
+                                   mean): the pooled representation
     fc_norm.hook_scale/_normalized [batch, 1] / [batch, d_model]  (fc_norm models only)
+    hook_projected                 [batch, proj_dim]            (CLIP's visual projection)
+    feature_norm.hook_scale/_normalized  [batch, 1] / [batch, d_features]  (unit-length features)
 
 Token axis: prefix tokens first (class, registers, distillation), then patches row-major.
 """
@@ -43,7 +55,7 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from hooked_vit.checks import IndexRangeError, as_int
-from hooked_vit.components import LayerNorm, PatchEmbed, TransformerBlock
+from hooked_vit.components import AttentionPool, FeatureNorm, LayerNorm, PatchEmbed, TransformerBlock
 from hooked_vit.config import HookedViTConfig
 
 if TYPE_CHECKING:
@@ -53,16 +65,18 @@ if TYPE_CHECKING:
 class HookedViT(HookedRootModule):
     """A Vision Transformer with a `HookPoint` on every intermediate activation.
 
-    Build it from timm with `HookedViT.from_timm(...)`; it then computes the same function as its
-    timm source (logits to 1e-4 in fp32, every block's output to 1e-5).
+    Build it from timm with `HookedViT.from_timm(...)` or from Hugging Face `transformers` with
+    `HookedViT.from_hf(...)`; it then computes the same function as its source (logits to 1e-4 in
+    fp32, every block's output to 1e-5).
     """
 
     def __init__(self, cfg: HookedViTConfig, data_config: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.data_config: dict[str, Any] = dict(data_config) if data_config else _default_data_config(cfg)
-        """timm's data config of the source model (input size, mean, std, crop, interpolation); timm's
-        defaults for a model built by hand."""
+        """The source model's preprocessing: timm's data config (input size, mean, std, crop,
+        interpolation), with the image processor's steps added for a Hugging Face model
+        (`hooked_vit.preprocess`); timm's defaults for a model built by hand."""
         d = cfg.d_model
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.class_token else None
@@ -73,14 +87,21 @@ class HookedViT(HookedRootModule):
         self.ln_pre = LayerNorm(d, cfg.eps) if cfg.pre_norm else None
         self.blocks = nn.ModuleList([TransformerBlock(cfg, layer) for layer in range(cfg.n_layers)])
         self.ln_final = LayerNorm(d, cfg.eps) if cfg.final_norm and not cfg.fc_norm else None
+        self.attn_pool = AttentionPool(cfg) if cfg.pooling == "map" else None
         self.fc_norm = LayerNorm(d, cfg.eps) if cfg.final_norm and cfg.fc_norm else None
-        self.head = nn.Linear(d, cfg.n_classes) if cfg.n_classes > 0 else None
-        self.head_dist = nn.Linear(d, cfg.n_classes) if cfg.distilled and cfg.n_classes > 0 else None
+        self.proj = nn.Linear(d, cfg.proj_dim, bias=False) if cfg.proj_dim else None
+        self.feature_norm = FeatureNorm() if cfg.normalize_features else None
+        self.head = nn.Linear(cfg.d_features, cfg.n_classes) if cfg.n_classes > 0 else None
+        self.head_dist = nn.Linear(d, cfg.n_classes) if self._dist_pooled and cfg.n_classes > 0 else None
 
         self.hook_embed = HookPoint()  # [batch, n_patches, d_model]
         self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
-        self.hook_pooled = HookPoint()  # [batch, d_model] ([batch, 2, d_model] when distilled)
+        self.hook_pooled = HookPoint()  # [batch, d_model] ([batch, 2, d_model]: distilled, 'token_avg')
+        self.hook_projected = HookPoint() if cfg.proj_dim else None  # [batch, proj_dim]
         self._tail_hook_points: list[HookPoint] | None = None  # see _head_tokens
+        self.class_names: list[str] | None = None
+        """The head's class names where the source names them (a Hugging Face config's `id2label`, or
+        `set_head` / `set_zero_shot_head`'s), else None (timm models: ImageNet's, `caap.data.class_names`)."""
         self.setup()
         self.cfg.device = self._param_device()
 
@@ -104,6 +125,31 @@ class HookedViT(HookedRootModule):
         from hooked_vit.loading import hooked_vit_from_timm
 
         return hooked_vit_from_timm(cls, name_or_model, checkpoint_path, pretrained, device, dtype, **timm_kwargs)
+
+    @classmethod
+    def from_hf(
+        cls,
+        model_or_folder: Any,
+        processor: Any = None,
+        dynamic_img_size: bool | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        check: bool = True,
+    ) -> "HookedViT":
+        """Convert a Hugging Face `transformers` ViT: a model object (e.g. your own fine-tune) or a folder
+        written by `save_pretrained` (read offline). ViT, DeiT, DINOv2 (with or without registers), the
+        vision towers of CLIP and SigLIP; `hooked_vit.hf` lists the classes and what each one's output is.
+
+        `processor`: the image processor whose preprocessing `preprocess` reproduces (default: the
+        folder's `preprocessor_config.json`, else the family's default processor at the model's image
+        size). `dynamic_img_size`: accept any image size divisible by the patch size, the position
+        embeddings interpolated as the source's `interpolate_pos_encoding=True` does (default: as the
+        source runs by default: DINOv2 always interpolates, the others do not). `check`: compare the
+        converted model with the source on one input and refuse a difference (`ConversionMismatch`).
+        """
+        from hooked_vit.hf import hooked_vit_from_hf
+
+        return hooked_vit_from_hf(cls, model_or_folder, processor, dynamic_img_size, device, dtype, check)
 
     # ------------------------------------------------------------------ grid helpers
     def grid_size_for(self, pixels: Tensor | tuple[int, int]) -> tuple[int, int]:
@@ -225,7 +271,8 @@ class HookedViT(HookedRootModule):
         if grid != cfg.grid_size:
             from timm.layers import resample_abs_pos_embed
 
-            pos = resample_abs_pos_embed(pos, new_size=grid, old_size=cfg.grid_size, num_prefix_tokens=n_prefix_in_pos)
+            pos = resample_abs_pos_embed(pos, new_size=grid, old_size=cfg.grid_size, num_prefix_tokens=n_prefix_in_pos,
+                                         antialias=cfg.pos_embed_antialias)
         if cfg.no_embed_class and cfg.n_prefix_tokens:
             pos = torch.cat([pos.new_zeros(1, cfg.n_prefix_tokens, cfg.d_model), pos], dim=1)
         return pos
@@ -243,20 +290,36 @@ class HookedViT(HookedRootModule):
         pooled = self.hook_pooled((x[:, 0] if x.shape[1] == 1 else x) if tokens_only else self.pool(x))
         if self.fc_norm is not None:
             pooled = self.fc_norm(pooled)
+        if self.proj is not None:
+            pooled = self.hook_projected(self.proj(pooled))
+        if self.feature_norm is not None:
+            pooled = self.feature_norm(pooled)
         if self.head is None:
             return pooled
         if self.head_dist is not None:
             return (self.head(pooled[:, 0]) + self.head_dist(pooled[:, 1])) / 2
-        return self.head(pooled)
+        return self.head(pooled.flatten(1))
+
+    @property
+    def _dist_pooled(self) -> bool:
+        """Whether the head reads the distillation token too (DeiT distilled with its second head)."""
+        return self.cfg.distilled and self.cfg.dist_head
 
     def pool(self, x: Float[Tensor, "batch pos d_model"]) -> Tensor:
-        """timm's pooling: the class token (and distillation token), or avg/max/avgmax over tokens."""
+        """The pooling: the class token (and distillation token), avg/max/avgmax over tokens, attention
+        pooling ('map'), or the class token and the mean of the patch tokens ('token_avg', [batch, 2,
+        d_model])."""
         cfg = self.cfg
-        if cfg.distilled:
+        if self._dist_pooled:
             return x[:, [0, cfg.n_prefix_tokens - 1]]
         if cfg.pooling == "token":
             return x[:, 0]
+        if cfg.pooling == "token_avg":
+            return torch.stack([x[:, 0], x[:, cfg.n_prefix_tokens :].mean(dim=1)], dim=1)
         x = x if cfg.pool_include_prefix else x[:, cfg.n_prefix_tokens :]
+        if cfg.pooling == "map":
+            assert self.attn_pool is not None
+            return self.attn_pool(x)
         if cfg.pooling == "avg":
             return x.mean(dim=1)
         if cfg.pooling == "max":
@@ -265,24 +328,28 @@ class HookedViT(HookedRootModule):
 
     def pool_weights(self, n_tokens: int, max_as_mean: bool = False) -> Float[Tensor, "group pos"]:
         """The pooling as weights over the token axis: one row per pooled vector (two for DeiT distilled:
-        the class token, then the distillation token), each summing to 1, so that `pool(x)` is
-        `weights @ x` for class-token and average pooling. The one description of which tokens the head
-        reads, for the cache's direct logit attribution and the attention-readout baselines.
+        the class token, then the distillation token; two for 'token_avg': the class token, then the
+        patch mean), each summing to 1, so that `pool(x)` is `weights @ x` for class-token and average
+        pooling. The one description of which tokens the head reads, for the cache's direct logit
+        attribution and the attention-readout baselines.
 
-        Max and avg-max pooling are not linear: they raise, or with `max_as_mean=True` get the uniform
-        mean over the tokens they pool (an approximation of which tokens the head reads)."""
+        Max, avg-max and attention pooling are not linear: they raise, or with `max_as_mean=True` get
+        the uniform mean over the tokens they pool (an approximation of which tokens the head reads)."""
         cfg = self.cfg
-        if cfg.pooling in ("max", "avgmax") and not max_as_mean:
+        if cfg.pooling in ("max", "avgmax", "map") and not max_as_mean:
             raise ValueError(
                 f"pooling={cfg.pooling!r} is not linear, so the logits do not split into per-component "
-                f"contributions; direct logit attribution and pool_stack need pooling 'token' or 'avg' "
-                f"(patch the components instead)"
+                f"contributions; direct logit attribution and pool_stack need pooling 'token', 'avg' or "
+                f"'token_avg' (patch the components instead)"
             )
-        w = torch.zeros(2 if cfg.distilled else 1, n_tokens, device=self.W_E.device)
-        if cfg.distilled:
+        w = torch.zeros(2 if self._dist_pooled or cfg.pooling == "token_avg" else 1, n_tokens, device=self.W_E.device)
+        if self._dist_pooled:
             w[0, 0] = w[1, cfg.n_prefix_tokens - 1] = 1.0
         elif cfg.pooling == "token":
             w[0, 0] = 1.0
+        elif cfg.pooling == "token_avg":
+            w[0, 0] = 1.0
+            w[1, cfg.n_prefix_tokens :] = 1.0 / (n_tokens - cfg.n_prefix_tokens)
         else:
             start = 0 if cfg.pool_include_prefix else cfg.n_prefix_tokens
             w[0, start:] = 1.0 / (n_tokens - start)
@@ -335,7 +402,7 @@ class HookedViT(HookedRootModule):
         unchanged). None when every token is needed: another pooling, per-head results, or a hook on a
         last-block activation other than `TransformerBlock.tokens_only_hooks` or on the final norm."""
         cfg = self.cfg
-        if cfg.pooling != "token" and not cfg.distilled or cfg.use_attn_result:
+        if cfg.pooling != "token" or cfg.use_attn_result:
             return None
         if self._tail_hook_points is None:
             last = self.blocks[-1]
@@ -345,7 +412,7 @@ class HookedViT(HookedRootModule):
                 self._tail_hook_points += [self.ln_final.hook_scale, self.ln_final.hook_normalized]
         if any(h._forward_hooks or h._backward_hooks for h in self._tail_hook_points):
             return None
-        return [0, cfg.n_prefix_tokens - 1] if cfg.distilled else [0]
+        return [0, cfg.n_prefix_tokens - 1] if self._dist_pooled else [0]
 
     def _layer_index(self, layer: int, name: str, allow_end: bool = False) -> int:
         n = self.cfg.n_layers
@@ -415,15 +482,25 @@ class HookedViT(HookedRootModule):
     # ------------------------------------------------------------------ weights, TransformerLens names
     @property
     def W_U(self) -> Float[Tensor, "d_model n_classes"]:
-        """Unembedding (the classifier); for a distilled model, the average of its two heads
-        (exact for the logits when the class and distillation token carry the same vector)."""
+        """Unembedding: the linear map from the pooled representation (after the final norm) to the
+        logits: the classifier, after the projection where there is one (with `normalize_features` the
+        features' length divides the logits too, which this leaves out); for a distilled model, the
+        average of its two heads (exact for the logits when the class and distillation token carry the
+        same vector). A 'token_avg' head reads two vectors side by side and has no such matrix."""
         if self.head is None:
             raise ValueError("this model has no classification head (n_classes=0)")
+        if self.cfg.pooling == "token_avg":
+            raise ValueError(
+                "the head reads the class token and the patch mean side by side (pooling='token_avg'): there is "
+                "no single [d_model, n_classes] unembedding; model.head.weight holds both halves"
+            )
         w = self.head.weight.T
-        return (w + self.head_dist.weight.T) / 2 if self.head_dist is not None else w
+        w = (w + self.head_dist.weight.T) / 2 if self.head_dist is not None else w
+        return self.proj.weight.T @ w if self.proj is not None else w
 
     @property
     def b_U(self) -> Float[Tensor, " n_classes"]:
+        """The head's bias (the average of both heads' for a distilled model)."""
         if self.head is None:
             raise ValueError("this model has no classification head (n_classes=0)")
         return (self.head.bias + self.head_dist.bias) / 2 if self.head_dist is not None else self.head.bias
@@ -445,6 +522,70 @@ class HookedViT(HookedRootModule):
         idx = torch.as_tensor(classes, device=self.W_U.device)
         self._check_classes(idx)
         return self.W_U[:, idx].T if idx.ndim else self.W_U[:, idx]
+
+    def set_head(
+        self, weight: Float[Tensor, "n_classes d_features"], bias: Float[Tensor, " n_classes"] | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> HookedViT:
+        """Give the model a linear head on its features (a linear probe, or any class directions): then
+        logits = features @ weight.T + bias, and CAAP, the sweeps and every attribution method score those.
+        The features are what the model returned without a head (the pooled representation, after the
+        final norm, the projection and the unit-length scaling where the model has them), `cfg.d_features`
+        wide. Replaces a head the model had (a distilled model's two heads too). `class_names`: one per row
+        (`model.class_names`). Returns the model."""
+        d = self.cfg.d_features
+        weight = torch.as_tensor(weight)
+        if weight.ndim != 2 or weight.shape[1] != d or weight.shape[0] < 1 or not weight.is_floating_point():
+            raise ValueError(f"weight must be a float tensor [n_classes, {d}] (the features are {d} wide), got "
+                             f"{weight.dtype} {tuple(weight.shape)}")
+        n = weight.shape[0]
+        if bias is not None:
+            bias = torch.as_tensor(bias)
+            if tuple(bias.shape) != (n,):
+                raise ValueError(f"bias must be [n_classes={n}], got {tuple(bias.shape)}")
+        if not bool(torch.isfinite(weight).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
+            raise ValueError("the head's weight and bias must be finite")
+        if class_names is not None and len(class_names) != n:
+            raise ValueError(f"class_names has {len(class_names)} names for {n} classes")
+        param = next(self.parameters())
+        head = nn.Linear(d, n).to(device=param.device, dtype=param.dtype)
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            head.bias.copy_(bias if bias is not None else torch.zeros(n))
+        self.head, self.head_dist = head, None
+        self.cfg.n_classes, self.cfg.dist_head = n, False
+        self.class_names = [str(c) for c in class_names] if class_names is not None else None
+        return self
+
+    def set_zero_shot_head(
+        self, class_embeddings: Float[Tensor, "n_classes d_features"], logit_scale: float = 100.0,
+        logit_bias: float = 0.0, class_names: Sequence[str] | None = None,
+    ) -> HookedViT:
+        """CLIP and SigLIP zero-shot classification as the model's head: logits = logit_scale x cosine
+        similarity between the image embedding and each class embedding + logit_bias, as CLIPModel's
+        `logits_per_image` (logit_scale = `clip.logit_scale.exp()`) and SiglipModel's (also
+        logit_bias = `siglip.logit_bias`). `class_embeddings`: one row per class, in the image embedding's
+        space, e.g. `clip.get_text_features(**tokenizer(prompts, padding=True, return_tensors="pt"))`.
+        The features are scaled to unit length (`cfg.normalize_features`, hook `feature_norm.*`), the head's
+        rows are the class embeddings at unit length times logit_scale. `class_names`: one per class
+        embedding (e.g. the prompts' class words). Returns the model."""
+        emb = torch.as_tensor(class_embeddings)
+        if emb.ndim != 2 or not emb.is_floating_point():
+            raise ValueError(f"class_embeddings must be a float tensor [n_classes, d], got {emb.dtype} {tuple(emb.shape)}")
+        norms = emb.float().norm(dim=-1, keepdim=True)
+        if not bool((norms > 0).all()) or not bool(torch.isfinite(emb).all()):
+            raise ValueError("every class embedding must be finite and non-zero")
+        if not (float(logit_scale) > 0 and torch.isfinite(torch.tensor(float(logit_scale)))):
+            raise ValueError(f"logit_scale must be a positive number, got {logit_scale!r}")
+        n = emb.shape[0]
+        bias = torch.full((n,), float(logit_bias))
+        self.set_head(emb.float() / norms * float(logit_scale), bias, class_names)
+        if self.feature_norm is None:
+            self.cfg.normalize_features = True
+            self.feature_norm = FeatureNorm()
+            self._tail_hook_points = None
+            self.setup()
+        return self
 
     def _check_classes(self, idx: Tensor) -> None:
         n = self.cfg.n_classes

@@ -79,8 +79,8 @@ class DeltaLinear(nn.Module):
 def delta_bf16(
     model: HookedViT, resid_ref: Float[Tensor, "1 pos d_model"], start: int, hooks: Sequence[str] = ()
 ) -> Iterator[HookedViT]:
-    """Within the context, every linear layer of blocks `start`.. (qkv, attention output, MLP in and
-    out) is a `DeltaLinear` whose reference is the run from `resid_ref` (the residual stream entering
+    """Within the context, every linear layer of blocks `start`.. (qkv, attention output, MLP in (both
+    branches of a gated MLP) and out) is a `DeltaLinear` whose reference is the run from `resid_ref` (the residual stream entering
     block `start`, one row, fp32); runs from block `start` then compute their products in bf16 relative
     to it. `hooks`: the hook points the later runs will hook; the reference run hooks them too (identity
     hooks), so that it takes the same forward path (HookedViT skips work nothing observes, e.g. the last
@@ -90,7 +90,8 @@ def delta_bf16(
     swapped: list[tuple[nn.Module, str, DeltaLinear]] = []
     try:
         for block in model.blocks[start:]:
-            for owner, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")):
+            mlp = [name for name in ("fc1", "fc1_g", "fc1_x", "fc2") if isinstance(getattr(block.mlp, name, None), nn.Linear)]
+            for owner, name in ((block.attn, "qkv"), (block.attn, "proj"), *((block.mlp, n) for n in mlp)):
                 wrapper = DeltaLinear(getattr(owner, name))
                 setattr(owner, name, wrapper)
                 swapped.append((owner, name, wrapper))

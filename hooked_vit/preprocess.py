@@ -1,7 +1,10 @@
-"""Images -> pixels, with the source model's own timm data config.
+"""Images -> pixels, with the source model's own preprocessing.
 
 AugReg ViTs use mean = std = 0.5, crop 0.9 and bicubic resizing; ImageNet's usual mean/std gives them
-wrong answers. So the transform is always built by timm from the model's own data config.
+wrong answers. So the transform is always the source's own: for a timm model, timm's eval transform built
+from the model's data config; for a Hugging Face model, the steps of its image processor (resize, center
+crop, rescale, normalise, as transformers' default torchvision backend runs them), recorded in the same
+data config dict (`data_config_from_processor`) so that mean and std are where every other reader looks.
 """
 
 from __future__ import annotations
@@ -127,14 +130,163 @@ def check_pixels(pixels: Tensor, name: str = "pixels") -> None:
 
 @lru_cache(maxsize=16)
 def _transform(frozen_config: tuple):
+    config = dict(frozen_config)
+    if config.get("processor") == HF_PROCESSOR:
+        return HFImageTransform(config)
     from timm.data import create_transform
 
-    return create_transform(**dict(frozen_config), is_training=False)
+    return create_transform(**config, is_training=False)
 
 
 def make_transform(data_config: dict[str, Any]):
-    """timm's eval transform for a data config (cached)."""
+    """The eval transform of a data config, PIL image -> [3, H, W] (cached): timm's, or a Hugging Face
+    image processor's steps (`HFImageTransform`) where the config records them."""
     return _transform(tuple(sorted(data_config.items())))
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face
+HF_PROCESSOR = "transformers"
+"""`data_config["processor"]` of a Hugging Face model: its image processor's steps are in the config."""
+
+_HF_KEYS = ("hf_resize", "hf_resample", "hf_crop", "hf_rescale", "hf_normalize")
+
+
+def data_config_from_processor(processor: Any, cfg: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The data config of a Hugging Face model: timm's keys (input_size, mean, std, interpolation,
+    crop_pct, crop_mode: what the rest of the package reads) plus the image processor's steps for
+    `HFImageTransform`. `processor`: a transformers image processor (torchvision backend, transformers'
+    default), or None for a resize to the model's image size with `defaults` (image_mean, image_std,
+    resample). Refuses steps it does not reproduce, and an output size the model does not take."""
+    if processor is None:
+        d: dict[str, Any] = {"do_resize": True, "size": {"height": cfg.img_size[0], "width": cfg.img_size[1]},
+                             "do_center_crop": False, "do_rescale": True, "rescale_factor": 1 / 255,
+                             "do_normalize": True, **defaults}
+        name = "the family's default preprocessing"
+    else:
+        name = type(processor).__name__
+        backend = getattr(processor, "backend", "torchvision")
+        if backend != "torchvision":
+            raise ValueError(
+                f"{name} runs on the {backend!r} backend; HookedViT reproduces transformers' default torchvision "
+                f"backend (AutoImageProcessor.from_pretrained(...) without backend=)"
+            )
+        d = processor.to_dict() if hasattr(processor, "to_dict") else dict(processor)
+    problems = [f"{k}={d[k]!r}" for k in ("do_pad", "do_reduce_labels") if d.get(k)]
+    size = dict(d.get("size") or {}) if d.get("do_resize") else {}
+    size = {k: v for k, v in size.items() if v is not None}
+    if size and set(size) not in ({"height", "width"}, {"shortest_edge"}):
+        problems.append(f"size={size} (accepted: height and width, or shortest_edge)")
+    crop = dict(d.get("crop_size") or {}) if d.get("do_center_crop") else {}
+    if problems:
+        raise ValueError(f"{name} has steps HookedViT's preprocessing does not reproduce: {'; '.join(problems)}")
+    if crop:
+        out_size = (int(crop["height"]), int(crop["width"]))
+    elif "height" in size:
+        out_size = (int(size["height"]), int(size["width"]))
+    else:
+        raise ValueError(
+            f"{name} gives images of varying size (no resize to a fixed size, no center crop); the model takes "
+            f"{cfg.img_size[0]}x{cfg.img_size[1]}"
+        )
+    ph, pw = cfg.patch_size
+    if cfg.dynamic_img_size and (out_size[0] % ph or out_size[1] % pw):
+        raise ValueError(f"{name} makes {out_size[0]}x{out_size[1]} images, not a multiple of the model's patch size "
+                         f"{ph}x{pw}")
+    if not cfg.dynamic_img_size and out_size != tuple(cfg.img_size):
+        raise ValueError(
+            f"{name} makes {out_size[0]}x{out_size[1]} images but the model takes {cfg.img_size[0]}x{cfg.img_size[1]}: "
+            f"pass the model's own processor, or dynamic_img_size=True to interpolate its position embeddings"
+        )
+    mean = tuple(float(v) for v in (d.get("image_mean") if d.get("do_normalize") else (0.0,) * 3))
+    std = tuple(float(v) for v in (d.get("image_std") if d.get("do_normalize") else (1.0,) * 3))
+    resample = int(d.get("resample", 2))
+    short = size.get("shortest_edge")
+    return {
+        "input_size": (cfg.in_chans, *out_size),
+        "mean": mean,
+        "std": std,
+        "interpolation": _RESAMPLE_NAMES.get(resample, str(resample)),
+        "crop_pct": out_size[0] / (short or int(size.get("height", out_size[0]))) if crop else 1.0,
+        "crop_mode": "center" if short else "squash",
+        "processor": HF_PROCESSOR,
+        "hf_resize": ("shortest_edge", int(short)) if short else (
+            ("height_width", (int(size["height"]), int(size["width"]))) if size else None),
+        "hf_resample": resample,
+        "hf_crop": out_size if crop else None,
+        "hf_rescale": float(d.get("rescale_factor", 1 / 255)) if d.get("do_rescale") else None,
+        "hf_normalize": bool(d.get("do_normalize")),
+    }
+
+
+_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+class HFImageTransform:
+    """A Hugging Face image processor's eval steps on one RGB PIL image -> [3, H, W] float32, as
+    transformers' torchvision backend runs them: the uint8 image resized with `torchvision`'s antialiased
+    resize (to height x width, or its shorter edge to `shortest_edge` with the longer edge
+    int(size * long / short)), center-cropped (zero-padded where the crop is larger), then rescaled and
+    normalised in one step, (x - mean / rescale) / (std / rescale) in float32."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from torchvision.transforms import InterpolationMode
+
+        modes = {0: InterpolationMode.NEAREST_EXACT, 1: InterpolationMode.LANCZOS, 2: InterpolationMode.BILINEAR,
+                 3: InterpolationMode.BICUBIC, 4: InterpolationMode.BOX, 5: InterpolationMode.HAMMING}
+        self.resize, self.crop = config["hf_resize"], config["hf_crop"]
+        self.mode = modes[config["hf_resample"]]
+        self.rescale, self.normalize = config["hf_rescale"], config["hf_normalize"]
+        self.mean, self.std = config["mean"], config["std"]
+
+    def __call__(self, image: Image.Image) -> Float[Tensor, "3 H W"]:
+        import torchvision.transforms.v2.functional as tvF
+
+        x = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()  # uint8 [3, H, W]
+        x = self._geometry(x, self.mode)
+        x = x.to(torch.float32)
+        if self.normalize:
+            scale = 1.0 / self.rescale if self.rescale is not None else 1.0
+            mean, std = torch.tensor(self.mean) * scale, torch.tensor(self.std) * scale
+            return tvF.normalize(x, mean.tolist(), std.tolist())
+        return x * self.rescale if self.rescale is not None else x
+
+    def geometric(self, image: Image.Image) -> Image.Image:
+        """Only the resize and crop, with nearest-neighbour resampling (to carry masks and boxes into the
+        model's input frame: `caap.data.geometric_transform`)."""
+        from torchvision.transforms import InterpolationMode
+
+        x = torch.from_numpy(np.array(image))
+        x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+        out = self._geometry(x.contiguous(), InterpolationMode.NEAREST_EXACT).permute(1, 2, 0).numpy()
+        return Image.fromarray(out[..., 0] if out.shape[-1] == 1 else out)
+
+    def _geometry(self, x: Tensor, mode: Any) -> Tensor:
+        """Resize (antialiased, as the processor) and center crop of an image tensor [C, H, W]."""
+        import torchvision.transforms.v2.functional as tvF
+
+        if self.resize is not None:
+            kind, value = self.resize
+            if kind == "shortest_edge":
+                h, w = x.shape[-2:]
+                short, long = (w, h) if w <= h else (h, w)
+                new_short, new_long = value, int(value * long / short)
+                value = (new_long, new_short) if w <= h else (new_short, new_long)
+            x = tvF.resize(x, list(value), interpolation=mode, antialias=True)
+        return self._center_crop(x, *self.crop) if self.crop is not None else x
+
+    @staticmethod
+    def _center_crop(x: Tensor, ch: int, cw: int) -> Tensor:
+        import torchvision.transforms.v2.functional as tvF
+
+        h, w = x.shape[-2:]
+        if ch > h or cw > w:
+            pad = [(cw - w) // 2 if cw > w else 0, (ch - h) // 2 if ch > h else 0,
+                   (cw - w + 1) // 2 if cw > w else 0, (ch - h + 1) // 2 if ch > h else 0]
+            x = tvF.pad(x, pad, fill=0)
+            h, w = x.shape[-2:]
+            if (ch, cw) == (h, w):
+                return x
+        return tvF.crop(x, int((h - ch) / 2.0), int((w - cw) / 2.0), ch, cw)
 
 
 def preprocess(images: ImageLike | Sequence[ImageLike], data_config: dict[str, Any]) -> Float[Tensor, "batch chan H W"]:

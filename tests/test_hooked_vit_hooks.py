@@ -8,9 +8,10 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import scramble
 
 import hooked_vit.model
-from hooked_vit import HookedViT
+from hooked_vit import HookedViT, HookedViTConfig
 from hooked_vit.cache import ViTActivationCache
 
 SMALL = {"depth": 2, "embed_dim": 64, "num_heads": 2}
@@ -24,6 +25,22 @@ VARIANTS = {
     "deit_distilled": ("deit_tiny_distilled_patch16_224", {**SMALL, "img_size": 64}),
     "deit3_qk_norm": ("deit3_small_patch16_224", {**SMALL, "img_size": 64, "qk_norm": True}),
 }
+# What the Hugging Face families add and no timm variant above has (SigLIP's attention pooling without a class
+# token, DINOv2's SwiGLU MLP, CLIP's projection and unit-length features), built from a config.
+CONFIG_VARIANTS = {
+    "map_swiglu_projected": HookedViTConfig(
+        n_layers=2, d_model=64, n_heads=2, d_head=32, d_mlp=96, img_size=64, patch_size=16, class_token=False,
+        pooling="map", gated_mlp=True, act_fn="silu", proj_dim=24, normalize_features=True, n_classes=10),
+}
+ALL_VARIANTS = [*VARIANTS, *CONFIG_VARIANTS]
+
+
+def variant_model(hooked_pair, variant: str) -> HookedViT:
+    """A fresh model of a variant: converted from timm, or built from its config with scrambled weights."""
+    if variant in CONFIG_VARIANTS:
+        return scramble(HookedViT(CONFIG_VARIANTS[variant]), seed=1)
+    name, kwargs = VARIANTS[variant]
+    return hooked_pair(name, **kwargs)[1]
 
 
 @pytest.fixture
@@ -99,10 +116,9 @@ def test_nested_hook_contexts_keep_permanent_hooks(small_model, pixels):
 
 
 # ---------------------------------------------------------------------------------------------- every hook point
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
 def test_zero_patching_any_hook_point_changes_the_logits(hooked_pair, pixels, variant):
-    name, kwargs = VARIANTS[variant]
-    model = hooked_pair(name, **kwargs)[1]
+    model = variant_model(hooked_pair, variant)
     model.set_use_attn_result(True)
     x = pixels(model)
     with torch.no_grad():
@@ -116,7 +132,9 @@ def test_zero_patching_any_hook_point_changes_the_logits(hooked_pair, pixels, va
     expected = {"clip_prenorm": ["ln_pre.hook_scale", "ln_final.hook_scale"],
                 "registers_gap_fc_norm": ["fc_norm.hook_normalized"],
                 "deit_distilled": ["hook_pooled"],
-                "deit3_qk_norm": ["blocks.1.attn.hook_result"]}[variant]
+                "deit3_qk_norm": ["blocks.1.attn.hook_result"],
+                "map_swiglu_projected": ["attn_pool.hook_q", "blocks.1.mlp.hook_pre_linear", "hook_projected",
+                                         "feature_norm.hook_scale"]}[variant]
     assert set(expected) <= set(model.hook_dict)  # the variant has the hook points it is here for
 
 
@@ -183,6 +201,22 @@ EXPECTED_SHAPES = {
     "hook_pooled": "[batch,d_model]",  # [batch,2,d_model] for DeiT distilled
     "fc_norm.hook_scale": "[batch,1]",
     "fc_norm.hook_normalized": "[batch,d_model]",
+    "blocks.{l}.mlp.hook_pre_linear": "[batch,pos,d_mlp]",
+    "attn_pool.hook_q": "[batch,1,head,d_head]",
+    "attn_pool.hook_k": "[batch,pos,head,d_head]",
+    "attn_pool.hook_v": "[batch,pos,head,d_head]",
+    "attn_pool.hook_attn_scores": "[batch,head,1,k_pos]",
+    "attn_pool.hook_pattern": "[batch,head,1,k_pos]",
+    "attn_pool.hook_z": "[batch,1,head,d_head]",
+    "attn_pool.hook_attn_out": "[batch,1,d_model]",
+    "attn_pool.ln.hook_scale": "[batch,1,1]",
+    "attn_pool.ln.hook_normalized": "[batch,1,d_model]",
+    "attn_pool.mlp.hook_pre": "[batch,1,d_mlp]",
+    "attn_pool.mlp.hook_post": "[batch,1,d_mlp]",
+    "attn_pool.hook_mlp_out": "[batch,1,d_model]",
+    "hook_projected": "[batch,proj_dim]",
+    "feature_norm.hook_scale": "[batch,1]",
+    "feature_norm.hook_normalized": "[batch,d_features]",
 }
 
 
@@ -197,8 +231,8 @@ def test_expected_shapes_agree_with_the_docstring():
 
 def test_every_hook_has_its_documented_shape(hooked_pair, pixels):
     seen: set[str] = set()
-    for variant, (name, kwargs) in VARIANTS.items():
-        model = hooked_pair(name, **kwargs)[1]
+    for variant in ALL_VARIANTS:
+        model = variant_model(hooked_pair, variant)
         model.set_use_attn_result(True)
         cfg = model.cfg
         batch = 3
@@ -208,7 +242,7 @@ def test_every_hook_has_its_documented_shape(hooked_pair, pixels):
         assert set(cache.keys()) == set(model.hook_dict), "run_with_cache caches every hook point"
         dims = {"batch": batch, "pos": cfg.n_ctx, "q_pos": cfg.n_ctx, "k_pos": cfg.n_ctx, "n_patches": cfg.n_patches,
                 "d_model": cfg.d_model, "head": cfg.n_heads, "d_head": cfg.d_head, "d_mlp": cfg.d_mlp,
-                "1": 1, "2": 2}
+                "proj_dim": cfg.proj_dim, "d_features": cfg.d_features, "1": 1, "2": 2}
         for key, value in cache.items():
             generic = re.sub(r"^blocks\.\d+\.", "blocks.{l}.", key)
             symbols = EXPECTED_SHAPES[generic]

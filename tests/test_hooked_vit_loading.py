@@ -168,20 +168,18 @@ def test_gelu_tanh_converts():
 @pytest.mark.parametrize("name, kwargs, feature", [
     ("swin_tiny_patch4_window7_224", {}, r"SwinTransformer is not a timm VisionTransformer"),
     ("resnet18", {}, r"ResNet is not a timm VisionTransformer"),
-    ("vit_small_patch16_224", {"global_pool": "map", "depth": 1}, r"attention pooling head \(global_pool='map'"),
-    ("vit_small_patch16_224", {"mlp_layer": "SwiGLUPacked", "act_layer": "silu", "depth": 1},
-     r"an MLP other than timm's `Mlp` \(SwiGLU"),
+    ("vit_small_patch16_224", {"global_pool": "prr", "depth": 1}, r"attention pooling by rotated queries"),
+    ("vit_small_patch16_224", {"mlp_layer": "GluMlp", "act_layer": "sigmoid", "depth": 1}, r"an activation other than GELU"),
+    ("vit_small_patch16_224", {"mlp_layer": "GatedMlp", "depth": 1}, r"an MLP other than timm's `Mlp`, `SwiGLU`"),
     ("vit_small_patch16_224", {"norm_layer": "rmsnorm", "depth": 1}, r"a norm layer other than LayerNorm"),
+    ("vit_base_patch16_rope_224", {"depth": 1}, r"Eva uses rotary position embeddings \(timm's RoPE ViTs"),
 ])
 def test_unsupported_features_raise_naming_the_feature(name, kwargs, feature):
-    if kwargs.get("mlp_layer") == "SwiGLUPacked":
-        from timm.layers import SwiGLUPacked
+    import timm.layers
 
-        kwargs = {**kwargs, "mlp_layer": SwiGLUPacked}
+    kwargs = {k: getattr(timm.layers, v) if k == "mlp_layer" else v for k, v in kwargs.items()}
     if kwargs.get("norm_layer") == "rmsnorm":
-        from timm.layers import RmsNorm
-
-        kwargs = {**kwargs, "norm_layer": RmsNorm}
+        kwargs = {**kwargs, "norm_layer": timm.layers.RmsNorm}
     timm_model = timm.create_model(name, pretrained=False, **kwargs)
     with pytest.raises(UnsupportedTimmFeature, match=feature):
         HookedViT.from_timm(timm_model)

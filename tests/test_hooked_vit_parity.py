@@ -17,6 +17,7 @@ import copy
 
 import pytest
 import torch
+from timm.layers import GluMlp, SwiGLU, SwiGLUPacked
 
 from hooked_vit import HookedViT
 
@@ -67,6 +68,19 @@ CASES = [
                  {"dynamic_img_size": True}, id="dynamic_native"),
     pytest.param("vit_small_patch14_reg4_dinov2", {"img_size": 224, "depth": 2, "dynamic_img_size": True},
                  (112, 168), {"dynamic_img_size": True, "no_embed_class": True}, id="dynamic_dinov2_registers"),
+    pytest.param("vit_base_patch16_siglip_224", {"depth": 2, "embed_dim": 64, "num_heads": 2}, None,
+                 {"pooling": "map", "class_token": False, "n_prefix_tokens": 0}, id="siglip_map"),
+    pytest.param("vit_small_patch16_224", {"global_pool": "map", "depth": 2}, None,
+                 {"pooling": "map", "class_token": True}, id="map_beside_class_token"),
+    pytest.param("vit_small_patch16_224", {"mlp_layer": SwiGLU, "act_layer": "silu", "depth": 2}, None,
+                 {"gated_mlp": True, "act_fn": "silu", "d_mlp": 1536}, id="swiglu"),
+    pytest.param("vit_small_patch16_224", {"mlp_layer": SwiGLUPacked, "act_layer": "silu", "depth": 2}, None,
+                 {"gated_mlp": True, "d_mlp": 768}, id="swiglu_packed"),
+    pytest.param("vit_small_patch16_224", {"mlp_layer": GluMlp, "act_layer": "gelu", "depth": 2}, None,
+                 {"gated_mlp": True, "act_fn": "gelu", "d_mlp": 768}, id="glu_gate_last"),
+    pytest.param("vit_small_patch16_224", {"mlp_layer": SwiGLU, "act_layer": "silu", "global_pool": "map",
+                                           "class_token": False, "depth": 2}, None,
+                 {"gated_mlp": True, "pooling": "map"}, id="swiglu_map"),
 ]
 
 

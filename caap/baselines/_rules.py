@@ -9,7 +9,10 @@ The rules, each a hook on the hook point that carries the tensor it acts on:
   rule on the normalisation; LibraGrad's LayerNorm correction).
 - the MLP activation, any gated one act(x) = x · gate(x) (GELU, tanh-GELU, QuickGELU, SiLU, ReLU): the
   gate is held constant, so the backward pass multiplies by act(x) / x (AttnLRP's identity rule;
-  LibraGrad's gate pruning). Written as x · gate(x).detach() plus the exact forward value.
+  LibraGrad's gate pruning). Written as x · gate(x).detach() plus the exact forward value. A SwiGLU-style
+  MLP, act(g) · x: the gate of act held as above, then with "uniform" the product split evenly between
+  g and x (AttnLRP's uniform rule on a product), with "constant" act(g) held, so relevance flows through
+  x only (LibraGrad's gate pruning).
 - attention, two rules:
   "uniform"  AttnLRP: the gradient is scaled by 1/4 at the query and the key and by 1/2 at the value.
              That is the uniform rule on both bilinear products (A·V: half to A, half to V; q·k: half of
@@ -20,6 +23,10 @@ The rules, each a hook on the hook point that carries the tensor it acts on:
 - linear layers (patch embedding, qkv, attention output, fc1, fc2; the head is the caller's): the
   epsilon rule, the gradient scaled by z / (z + ε sign(z)) at the layer's output z (ε = 0 is the plain
   gradient, the authors' efficient implementation).
+- an attention-pooling head ('map', SigLIP): its attention, LayerNorm and MLP by the same rules as a
+  block's. Its query comes from the learned probe, not from the image, so the relevance the rules send to
+  the query stays there (with "uniform", a quarter of its attention's relevance, as the scores' bias term).
+- unit-length features (CLIP's and SigLIP's zero-shot heads): the length held, like a LayerNorm's scale.
 
 Which models: every HookedViT except qk-norm (a LayerNorm inside attention with no hook point to hold its
 scale), which `check_rule_support` refuses with the feature named.
@@ -40,7 +47,8 @@ AttentionRule = Literal["uniform", "constant"]
 GATED_ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
 SUPPORTED_HELP = (
     "supported: ViTs with LayerNorm (pre-norm blocks, ln_pre, ln_final, fc_norm), softmax attention without "
-    f"qk-norm, MLP activations {', '.join(GATED_ACTIVATIONS)}, any prefix tokens, pooling and LayerScale"
+    f"qk-norm, MLP activations {', '.join(GATED_ACTIVATIONS)} (plain or SwiGLU-style), any prefix tokens, pooling "
+    "(attention pooling too), LayerScale and unit-length features"
 )
 
 
@@ -135,29 +143,41 @@ def rule_hooks(model: HookedViT, attention: AttentionRule, epsilon: float = 0.0)
 
     if epsilon > 0:
         hooks.append(("hook_embed", eps_hook))
-    for layer in range(cfg.n_layers):
+    prefixes = [f"blocks.{layer}." for layer in range(cfg.n_layers)]
+    if getattr(model, "attn_pool", None) is not None:
+        prefixes.append("attn_pool.")
+    if attention == "uniform":
+        qk, v = (lambda t, hook: scale_grad(epsilon_grad(t, epsilon), 0.25)), (
+            lambda t, hook: scale_grad(epsilon_grad(t, epsilon), 0.5)
+        )
+    elif attention == "constant":
+        qk, v = (lambda t, hook: t.detach()), (lambda t, hook: epsilon_grad(t, epsilon))
+    else:
+        raise ValueError(f"attention rule {attention!r} is not accepted; choose 'uniform' or 'constant'")
+    for prefix in prefixes:
         pre_store: dict[str, Tensor] = {}
 
-        def keep_pre(pre: Tensor, hook, store=pre_store) -> Tensor:
-            pre = epsilon_grad(pre, epsilon)
-            store["pre"] = pre
-            return pre
+        def keep(t: Tensor, hook, store=pre_store) -> Tensor:
+            t = epsilon_grad(t, epsilon)
+            store[hook.name.rsplit(".", 1)[-1]] = t
+            return t
 
         def gated_post(post: Tensor, hook, store=pre_store) -> Tensor:
-            pre = store.pop("pre")
-            return linear_through(post, pre, gate(cfg.act_fn, pre.detach()))
+            pre = store.pop("hook_pre")
+            lin = store.pop("hook_pre_linear", None)
+            g = gate(cfg.act_fn, pre.detach())
+            if lin is None:  # act(pre) = pre · gate(pre), the gate held
+                return linear_through(post, pre, g)
+            if attention == "uniform":  # act(pre) · lin: the gate held, the product split evenly
+                part = scale_grad(pre, 0.5) * g * scale_grad(lin, 0.5)
+                return part + (post - part).detach()
+            return linear_through(post, lin, pre.detach() * g)  # the gate pruned: through lin only
 
-        a = f"blocks.{layer}.attn."
-        if attention == "uniform":
-            qk, v = (lambda t, hook: scale_grad(epsilon_grad(t, epsilon), 0.25)), (
-                lambda t, hook: scale_grad(epsilon_grad(t, epsilon), 0.5)
-            )
-        elif attention == "constant":
-            qk, v = (lambda t, hook: t.detach()), (lambda t, hook: epsilon_grad(t, epsilon))
-        else:
-            raise ValueError(f"attention rule {attention!r} is not accepted; choose 'uniform' or 'constant'")
-        hooks += [(a + "hook_q", qk), (a + "hook_k", qk), (a + "hook_v", v)]
-        hooks += [(f"blocks.{layer}.mlp.hook_pre", keep_pre), (f"blocks.{layer}.mlp.hook_post", gated_post)]
+        attn = prefix if prefix == "attn_pool." else prefix + "attn."
+        hooks += [(attn + "hook_q", qk), (attn + "hook_k", qk), (attn + "hook_v", v)]
+        hooks += [(prefix + "mlp.hook_pre", keep), (prefix + "mlp.hook_post", gated_post)]
+        if prefix + "mlp.hook_pre_linear" in model.hook_dict:
+            hooks.append((prefix + "mlp.hook_pre_linear", keep))
         if epsilon > 0:
-            hooks += [(f"blocks.{layer}.hook_attn_out", eps_hook), (f"blocks.{layer}.hook_mlp_out", eps_hook)]
+            hooks += [(prefix + "hook_attn_out", eps_hook), (prefix + "hook_mlp_out", eps_hook)]
     return hooks

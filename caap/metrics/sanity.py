@@ -44,13 +44,14 @@ from torch import Tensor, nn
 from caap.metrics.base import as_map_batch
 from caap.targets import Target, resolve_targets
 
-#: parameter-name prefixes of the head stage (HookedViT's and timm's names)
-HEAD_PREFIXES = ("head", "head_dist", "fc_norm", "ln_final", "norm")
+#: parameter-name prefixes of the head stage (HookedViT's and timm's names; attention pooling and CLIP's projection)
+HEAD_PREFIXES = ("head", "head_dist", "fc_norm", "ln_final", "norm", "attn_pool", "proj")
 SANITY_THRESHOLD = 0.5
 
 
 def randomisation_stages(model: nn.Module) -> list[tuple[str, list[str]]]:
-    """[(stage, parameter names)] from the top: "head" (head, final norm, fc_norm), "blocks.{L-1}", ...,
+    """[(stage, parameter names)] from the top: "head" (head, final norm, fc_norm, attention pooling,
+    projection), "blocks.{L-1}", ...,
     "blocks.0", "embed" (every other parameter: patch embedding, position embeddings, prefix tokens,
     pre-norm). Stages without parameters are left out."""
     head, blocks, embed = [], {}, []
