@@ -179,7 +179,7 @@ def method_settings(
         "smoothgrad": {"n_samples": smoothgrad_samples, "seed": seed, "internal_batch_size": fb},
         "occlusion": {"internal_batch_size": fb},
         "atman": {"internal_batch_size": fb},
-        # issue 11's baselines: the papers' settings (see each class); only rows per pass and the seed
+        # the recent baselines: the papers' settings (see each class); only rows per pass and the seed
         "tis": {"seed": seed, "internal_batch_size": fb, **tis},
         "vit_cx": {"seed": seed, "internal_batch_size": fb},
         "beyond_intuition_head": {"internal_batch_size": fb},

@@ -1,4 +1,4 @@
-"""CAAP in bf16 against fp32: speed and agreement of the maps (issue 14, "bf16").
+"""CAAP in bf16 against fp32: speed and agreement of the maps ("bf16").
 
 Four ways on the same heldout photos and the real ViT-Tiny, timed in alternating rounds:
   fp32            the reference;

@@ -1,5 +1,5 @@
-"""Throughput of `caap explain-dataset`: the single-process path against Ray Data with 1 and 2 workers
-(issue 14). Each configuration explains the same heldout photos from scratch into its own folder; the
+"""Throughput of `caap explain-dataset`: the single-process path against Ray Data with 1 and 2 workers.
+Each configuration explains the same heldout photos from scratch into its own folder; the
 time is end to end (model loading and, for Ray, starting the local cluster included), as a user sees it.
 
     python experiments/dataset_throughput.py --limit 100
