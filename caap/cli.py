@@ -335,9 +335,9 @@ def cmd_explain(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from caap.data import class_name
     from caap.files import atomic_paths
     from caap.methods import method_settings
+    from caap.models import class_label
     from caap.plots import comparison_figure, overlay_figure, save_comparison_png, save_html, save_overlay_png
 
     model = load(args)
@@ -358,7 +358,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
         base = {
             "image": im.image if isinstance(im.image, str) else im.stem,
             "model": args.model,
-            "target": {"class": cls, "name": class_name(cls)},
+            "target": {"class": cls, "name": class_label(model, cls)},
             "top_classes": _top_classes(logits, model),
         }
         photo = x[0].float().cpu()
@@ -367,7 +367,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
                 n: {"settings": method_settings(methods[n], kwargs[n]), "seconds": round(seconds[n], 3),
                     "map": files[im.stem][i].name, "shape": list(maps[n].shape)} for i, n in enumerate(names)},
                 "files": [p.name for p in files[im.stem][:-1]]}
-            title = f"{im.stem}: maps for '{class_name(cls)}' ({cls})"
+            title = f"{im.stem}: maps for '{class_label(model, cls)}' ({cls})"
             subtitles = {n: f"{seconds[n]:.2f} s" for n in names}
             with atomic_paths(files[im.stem]) as paths:
                 for n, npy in zip(names, paths):
@@ -377,16 +377,16 @@ def cmd_explain(args: argparse.Namespace) -> None:
                 save_html(comparison_figure(photo, maps, data_config=model.data_config, title=title,
                                             subtitles=subtitles, value_label="attribution"), html)
                 js.write_text(json.dumps(summary, indent=2))
-            print(f"{im.stem}: {class_name(cls)} ({cls}) -> {files[im.stem][-3]}")
+            print(f"{im.stem}: {class_label(model, cls)} ({cls}) -> {files[im.stem][-3]}")
             continue
         (name,) = names
         method, amap = methods[name], maps[name]
         if name == "caap":
             start, end = method.layers
-            title = f"CAAP for '{class_name(cls)}' ({cls}), layers {start}-{end}, {method.context.name} context"
+            title = f"CAAP for '{class_label(model, cls)}' ({cls}), layers {start}-{end}, {method.context.name} context"
             label = method.score
         else:
-            title, label = f"{name} for '{class_name(cls)}' ({cls})", "attribution"
+            title, label = f"{name} for '{class_label(model, cls)}' ({cls})", "attribution"
         summary = {**base, "method": name, "settings": {**method_settings(method, kwargs[name]),
                                                         "grid": list(amap.shape)},
                    "seconds": round(seconds[name], 3), "files": [p.name for p in files[im.stem][:3]]}
@@ -395,7 +395,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
             save_html(overlay_figure(photo, amap, data_config=model.data_config, title=title, value_label=label), html)
             np.save(npy, amap.numpy())
             js.write_text(json.dumps(summary, indent=2))
-        print(f"{im.stem}: {class_name(cls)} ({cls}) -> {files[im.stem][0]} [{seconds[name]:.1f} s]")
+        print(f"{im.stem}: {class_label(model, cls)} ({cls}) -> {files[im.stem][0]} [{seconds[name]:.1f} s]")
     if several:
         print(f"wrote {sum(len(v) for v in files.values())} files to {out}/ (a .npy map per method; the comparison "
               f"as PNG, HTML view and JSON with every method's settings and seconds)")
